@@ -1,0 +1,1 @@
+"""Aivonx: a load-balancing reverse proxy for Ollama."""

@@ -1,0 +1,39 @@
+"""The `aivonx` command (also `python run.py`): serve the proxy."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from .app import bound_port, serve
+from .settings import parse_settings
+
+log = logging.getLogger("aivonx")
+
+
+async def _serve_forever(settings) -> None:
+    ctx, server = await serve(settings)
+    log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
+             bound_port(server), len(ctx.registry.nodes))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.stop()
+    ctx.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_serve_forever(settings))
+    except OSError as exc:
+        print(f"aivonx: {exc}", file=sys.stderr)
+        return 1
+    return 0
