@@ -1,0 +1,1 @@
+"""Thin RequestHandlers, one module per interface."""

@@ -1,0 +1,111 @@
+"""The base handler every interface shares: JSON errors, never a traceback."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import tornado.web
+
+from ..relay import error_body
+
+log = logging.getLogger("aivonx.http")
+
+# Parsing a body this large takes more than a millisecond: do it off the
+# event loop so other streams keep flowing.
+INLINE_JSON_LIMIT = 256 * 1024
+
+
+class ApiError(Exception):
+    """An error answered to the client, in its dialect, with its status."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    # "ollama": {"error": "..."}; "openai": {"error": {"message": ...}}
+    error_style = "ollama"
+
+    def initialize(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+
+    def compute_etag(self) -> None:
+        return None
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        # allow_nan=False: clients get strict JSON, never Infinity or NaN.
+        self.finish(json.dumps(data, allow_nan=False, separators=(",", ":")))
+
+    def send_api_error(self, error: ApiError) -> None:
+        self.clear()
+        self.set_default_headers()
+        self.set_status(error.status)
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        if error.status >= 500 and self.error_style == "openai":
+            self.set_header("x-should-retry", "false")
+        self.finish(error_body(self.error_style, error.message, error.status))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, tornado.web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        elif status_code == 405:
+            message = "405 method not allowed"
+        elif status_code >= 500:
+            message = "internal error"
+        else:
+            message = self._reason
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(error_body(self.error_style, message, status_code))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            log.debug("%d %s: %s", value.status_code, self.request.uri, value)
+        else:
+            super().log_exception(typ, value, tb)
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, ApiError):
+            if not self._finished:
+                self.send_api_error(e)
+            return
+        super()._handle_request_exception(e)
+
+    async def json_body(self) -> dict[str, Any]:
+        """The request body as a JSON object, or a 400 in Ollama's words."""
+        body = self.request.body
+        if not body or not body.strip():
+            raise ApiError(400, "missing request body")
+        try:
+            if len(body) > INLINE_JSON_LIMIT:
+                data = await asyncio.get_running_loop().run_in_executor(None, json.loads, body)
+            else:
+                data = json.loads(body)
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid request body: not UTF-8") from None
+        except RecursionError:
+            raise ApiError(400, "invalid request body: nested too deeply") from None
+        except ValueError as exc:
+            raise ApiError(400, f"invalid JSON in request body: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return data
+
+
+class NotFoundHandler(BaseHandler):
+    """Unknown paths: Ollama's words, in JSON so every client can read them."""
+
+    def prepare(self) -> None:
+        raise ApiError(404, "404 page not found")

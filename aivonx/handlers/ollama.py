@@ -1,0 +1,90 @@
+"""Ollama's native API, as every Ollama client speaks it."""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import catalog
+from .base import BaseHandler
+from .relayed import NUMBER, ModelRelayHandler
+
+
+class RootHandler(BaseHandler):
+    """Health checks and clients probe `/` for Ollama's greeting."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish("Ollama is running")
+
+    def head(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Content-Length", "17")
+        self.finish()
+
+
+class VersionHandler(BaseHandler):
+    """The oldest node's version: the features every node has."""
+
+    def version(self) -> dict[str, str]:
+        nodes = self.ctx.registry.routable() or list(self.ctx.registry.nodes.values())
+        return {"version": catalog.lowest_version(n.version for n in nodes)}
+
+    def get(self) -> None:
+        self.write_json(self.version())
+
+    def head(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish()
+
+
+class TagsHandler(BaseHandler):
+    async def get(self) -> None:
+        self.write_json({"models": await self.ctx.list_tags()})
+
+    async def head(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish()
+
+
+class PsHandler(BaseHandler):
+    async def get(self) -> None:
+        lists = await self.ctx.fan_out("/api/ps")
+        self.write_json({"models": catalog.merge_ps(entries for _, entries in lists)})
+
+
+class ShowHandler(ModelRelayHandler):
+    model_fields = ("model", "name")
+    fields = {"verbose": (bool,)}
+
+
+class GenerateHandler(ModelRelayHandler):
+    fields = {"prompt": (str,), "suffix": (str,), "system": (str,), "template": (str,),
+              "images": (list,), "raw": (bool,), "context": (list,)}
+
+
+class ChatHandler(ModelRelayHandler):
+    fields = {"messages": (list,), "tools": (list,)}
+
+
+class EmbedHandler(ModelRelayHandler):
+    fields = {"input": (str, list), "truncate": (bool,), "dimensions": NUMBER}
+    not_found = 'model "{}" not found, try pulling it first'
+
+
+class EmbeddingsHandler(ModelRelayHandler):
+    fields = {"prompt": (str,)}
+    not_found = 'model "{}" not found, try pulling it first'
+
+
+def routes(ctx: Any) -> list[tuple]:
+    args = {"ctx": ctx}
+    return [
+        (r"/", RootHandler, args),
+        (r"/api/version", VersionHandler, args),
+        (r"/api/tags", TagsHandler, args),
+        (r"/api/ps", PsHandler, args),
+        (r"/api/show", ShowHandler, args),
+        (r"/api/generate", GenerateHandler, args),
+        (r"/api/chat", ChatHandler, args),
+        (r"/api/embed", EmbedHandler, args),
+        (r"/api/embeddings", EmbeddingsHandler, args),
+    ]

@@ -1,0 +1,56 @@
+"""Ollama's OpenAI-compatible API under /v1, errors in OpenAI's shape."""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import catalog, modelnames
+from .base import ApiError, BaseHandler
+from .relayed import ModelRelayHandler
+
+
+class OpenAIHandler(ModelRelayHandler):
+    error_style = "openai"
+
+
+class ChatCompletionsHandler(OpenAIHandler):
+    fields = {"messages": (list,), "stream_options": (dict,)}
+
+
+class CompletionsHandler(OpenAIHandler):
+    fields = {"prompt": (str, list), "stream_options": (dict,)}
+
+
+class EmbeddingsHandler(OpenAIHandler):
+    fields = {"input": (str, list), "encoding_format": (str,)}
+    not_found = 'model "{}" not found, try pulling it first'
+
+
+class ModelsHandler(BaseHandler):
+    error_style = "openai"
+
+    async def get(self) -> None:
+        self.write_json(catalog.openai_model_list(await self.ctx.list_tags()))
+
+
+class ModelHandler(BaseHandler):
+    error_style = "openai"
+
+    async def get(self, model: str) -> None:
+        try:
+            entry = catalog.find_model(await self.ctx.list_tags(), model)
+        except modelnames.InvalidModelName:
+            entry = None
+        if entry is None:
+            raise ApiError(404, f"model '{model[:200]}' not found")
+        self.write_json(catalog.openai_model(entry, model_id=model))
+
+
+def routes(ctx: Any) -> list[tuple]:
+    args = {"ctx": ctx}
+    return [
+        (r"/v1/chat/completions", ChatCompletionsHandler, args),
+        (r"/v1/completions", CompletionsHandler, args),
+        (r"/v1/embeddings", EmbeddingsHandler, args),
+        (r"/v1/models", ModelsHandler, args),
+        (r"/v1/models/([^/]+)", ModelHandler, args),
+    ]

@@ -1,0 +1,99 @@
+"""Handlers that route a request by its model and relay it to a node.
+
+Shared by the native Ollama endpoints and the OpenAI-compatible ones: they
+differ only in the error dialect and in the fields they check.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import modelnames
+from ..relay import Exchange
+from ..router import NoHealthyNode, NoSuchModel
+from .base import ApiError, BaseHandler
+
+def check_types(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> None:
+    """Wrong types get a 400 here rather than a confusing error from a node."""
+    for name, types in fields.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        # bool is an int in Python; JSON keeps them apart.
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            expected = " or ".join(_json_type(t) for t in types)
+            raise ApiError(400, f"invalid value for '{name}': expected {expected}")
+
+
+def _json_type(t: type) -> str:
+    return {str: "a string", bool: "a boolean", list: "an array", dict: "an object",
+            int: "a number", float: "a number"}.get(t, t.__name__)
+
+
+NUMBER = (int, float)
+COMMON_FIELDS: dict[str, tuple[type, ...]] = {
+    "stream": (bool,), "options": (dict,), "keep_alive": (str, int, float),
+}
+
+
+class ModelRelayHandler(BaseHandler):
+    """POST a JSON body naming a model; relay to the best node that has it."""
+
+    # Where the model name is read from, in order (/api/show accepts "name").
+    model_fields: tuple[str, ...] = ("model",)
+    fields: dict[str, tuple[type, ...]] = {}
+    # Ollama's own not-found wording differs between endpoints.
+    not_found = "model '{}' not found"
+
+    exchange: Exchange | None = None
+    client_gone = False
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+        if self.exchange is not None:
+            self.exchange.cancel()
+
+    def model_name(self, body: dict[str, Any]) -> str:
+        for field in self.model_fields:
+            value = body.get(field)
+            if value is not None:
+                if not isinstance(value, str):
+                    raise ApiError(400, f"invalid value for '{field}': expected a string")
+                if value.strip():
+                    return value
+        raise ApiError(400, "model is required")
+
+    def route(self, name: str) -> list:
+        try:
+            key = modelnames.canonical(name)
+        except modelnames.InvalidModelName as exc:
+            if str(exc) == "model is required":
+                raise ApiError(400, "model is required") from None
+            raise ApiError(400, f"invalid model name: {exc}") from None
+        try:
+            return self.ctx.router.candidates(key)
+        except NoSuchModel:
+            raise ApiError(404, self.not_found.format(name[:200])) from None
+        except NoHealthyNode:
+            raise ApiError(503, f"no node that has model '{name[:200]}' is available; "
+                                "please try again") from None
+
+    async def post(self) -> None:
+        body = await self.json_body()
+        check_types(body, {**COMMON_FIELDS, **self.fields})
+        candidates = self.route(self.model_name(body))
+        if self.client_gone:
+            return
+        headers = self.request.headers
+        if "Content-Type" not in headers:
+            headers = headers.copy()
+            headers["Content-Type"] = "application/json"
+        self.exchange = Exchange(self.ctx.relay, self, self.request.method,
+                                 self.request.uri, headers, self.request.body,
+                                 self.error_style)
+        await self.exchange.run(candidates)
+        if not self.client_gone and not self.request.connection.stream.closed():
+            self.finish()

@@ -1,0 +1,419 @@
+"""One client request relayed to an upstream node, chunk by chunk.
+
+The relay owns the upstream exchange: it forwards each chunk as it arrives,
+fails over to the next candidate before the first byte reaches the client,
+ends a broken stream with an explicit error, and closes the upstream
+connection the moment the client goes away (that is what stops the GPU).
+
+AsyncHTTPClient has no public cancel, and closing it only takes effect at
+the next chunk. The client below records each request's TCP stream in a
+per-request handle, so a cancel closes the socket at once, even while the
+node is silent during a model load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Protocol
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.httpclient import HTTPRequest, HTTPResponse
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
+from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
+
+from .registry import NodeState, Registry
+
+log = logging.getLogger("aivonx.relay")
+
+# Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1),
+# plus what the proxy itself must set for the upstream or the client.
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+    "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+))
+# The client's credentials are for the proxy, not the nodes; the Host sent
+# upstream must be the node's own (a loopback-bound Ollama answers 403 to
+# foreign hosts); the body length and encoding are the relay's business.
+NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length",
+                                 "accept-encoding", "expect"}
+NOT_FORWARDED_DOWN = HOP_BY_HOP | {"date", "server"}
+
+# Upstream answers that mean "try another node" when nothing has reached
+# the client yet: the node lacks the model after all, is overloaded, or
+# failed to load or run it.
+RETRYABLE_STATUS = frozenset({404, 429, 500, 502, 503, 504})
+MAX_BUFFERED_ERROR = 64 * 1024
+
+
+class Sink(Protocol):
+    """What the relay writes to: a tornado RequestHandler fits."""
+
+    def set_status(self, status_code: int, reason: str | None = None) -> None: ...
+    def set_header(self, name: str, value: Any) -> None: ...
+    def clear_header(self, name: str) -> None: ...
+    def write(self, chunk: bytes) -> None: ...
+    def flush(self) -> Any: ...
+
+
+class UpstreamRequest(HTTPRequest):
+    """An HTTPRequest carrying the handle of the connection that serves it."""
+
+    def __init__(self, url: str, handle: "ConnectionHandle", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.connection_handle = handle
+
+
+class ConnectionHandle:
+    """Lets the relay close one request's upstream socket at any moment."""
+
+    def __init__(self) -> None:
+        self.stream: IOStream | None = None
+        self.closed_reason: str | None = None
+
+    def attach(self, stream: IOStream) -> None:
+        self.stream = stream
+        if self.closed_reason is not None:
+            stream.close()
+
+    def close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        if self.stream is not None:
+            self.stream.close()
+
+
+class _ChunkRelayingConnection(HTTP1Connection):
+    """Hands each chunk of a chunked response over as it is read.
+
+    Tornado 6.6 merges chunks that arrive in one read, and when the node
+    closes the connection right after them, the merged data is dropped
+    before it is delivered: the last tokens of a stream that broke would be
+    lost. Here every chunk is delivered before the next read, so what the
+    node sent before it died reaches the client.
+    """
+
+    async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
+        total = 0
+        while True:
+            line = await self.stream.read_until(b"\r\n", max_bytes=64)
+            try:
+                size = int(line[:-2].split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise httputil.HTTPInputError("invalid chunk size") from None
+            if size < 0:
+                raise httputil.HTTPInputError("invalid chunk size")
+            if size == 0:
+                if await self.stream.read_bytes(2) != b"\r\n":
+                    raise httputil.HTTPInputError("improperly terminated chunked response")
+                return
+            total += size
+            if total > self._max_body_size:
+                raise httputil.HTTPInputError("chunked body too large")
+            remaining = size
+            while remaining:
+                data = await self.stream.read_bytes(min(remaining, self.params.chunk_size),
+                                                    partial=True)
+                remaining -= len(data)
+                result = delegate.data_received(data)
+                if result is not None:
+                    await result
+            if await self.stream.read_bytes(2) != b"\r\n":
+                raise httputil.HTTPInputError("improperly terminated chunk")
+
+
+class _TrackedConnection(_HTTPConnection):
+    def _create_connection(self, stream: IOStream) -> HTTP1Connection:
+        handle = getattr(self.request, "connection_handle", None)
+        if handle is not None:
+            handle.attach(stream)
+        stream.set_nodelay(True)
+        return _ChunkRelayingConnection(
+            stream, True,
+            HTTP1ConnectionParameters(no_keep_alive=True,
+                                      max_header_size=self.max_header_size,
+                                      max_body_size=self.max_body_size,
+                                      decompress=bool(self.request.decompress_response)),
+            self._sockaddr)
+
+
+class UpstreamClient(SimpleAsyncHTTPClient):
+    """The default simple client (curl's reorders headers and body for small
+    responses) whose connections can be closed from outside."""
+
+    def _connection_class(self) -> type:
+        return _TrackedConnection
+
+
+def make_upstream_client(max_body_size: int) -> UpstreamClient:
+    # max_clients: the default of 10 would queue requests silently behind
+    # long generations; every request gets its own connection instead.
+    return UpstreamClient(force_instance=True, max_clients=100_000,
+                          max_body_size=max_body_size,
+                          max_buffer_size=max_body_size)
+
+
+def error_body(style: str, message: str, status: int) -> bytes:
+    """An error in the client's dialect: Ollama's or OpenAI's."""
+    if style == "openai":
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        return json.dumps({"error": {"message": message, "type": kind,
+                                     "param": None, "code": None}}).encode()
+    return json.dumps({"error": message}).encode()
+
+
+def stream_error_chunk(content_type: str, message: str) -> bytes | None:
+    """The final chunk that tells a streaming client its stream broke, in the
+    stream's own framing; None where the framing has no room for one."""
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    if ctype == "application/x-ndjson":
+        return json.dumps({"error": message}).encode() + b"\n"
+    if ctype == "text/event-stream":
+        payload = {"error": {"message": message, "type": "api_error",
+                             "param": None, "code": None}}
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    return None
+
+
+class Attempt:
+    """One try of one node: collects the head, then forwards or buffers."""
+
+    def __init__(self, exchange: "Exchange", node: NodeState, can_retry: bool) -> None:
+        self.exchange = exchange
+        self.node = node
+        self.can_retry = can_retry
+        self.handle = ConnectionHandle()
+        self.status: int | None = None
+        self.reason = ""
+        self.headers = httputil.HTTPHeaders()
+        self.forwarding = False   # True once the head went to the client
+        self.error_buffer = bytearray()
+        self.chunks = 0
+        self.last_activity = time.monotonic()
+
+    def on_header_line(self, line: str) -> None:
+        self.last_activity = time.monotonic()
+        if self.status is None or line.startswith("HTTP/"):
+            if line.startswith("HTTP/"):
+                start = httputil.parse_response_start_line(line.strip())
+                self.status, self.reason = start.code, start.reason
+                self.headers = httputil.HTTPHeaders()
+            return
+        if line in ("\r\n", "\n"):
+            if self.status is not None and self.status >= 200:
+                self._head_complete()
+            return
+        self.headers.parse_line(line)
+
+    def _head_complete(self) -> None:
+        assert self.status is not None
+        if self.can_retry and self.status in RETRYABLE_STATUS:
+            return  # buffer the body; the exchange decides on failover
+        self.forwarding = True
+        self.exchange.send_head(self.status, self.reason, self.headers)
+
+    async def on_chunk(self, chunk: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.exchange.cancelled:
+            return
+        if not self.forwarding:
+            room = MAX_BUFFERED_ERROR - len(self.error_buffer)
+            if room > 0:
+                self.error_buffer += chunk[:room]
+            return
+        self.chunks += 1
+        await self.exchange.send_chunk(chunk)
+
+
+class Exchange:
+    """A client request relayed to the first candidate node that takes it."""
+
+    def __init__(self, relay: "Relay", sink: Sink, method: str, path: str,
+                 headers: httputil.HTTPHeaders, body: bytes | None,
+                 style: str = "ollama") -> None:
+        self.relay = relay
+        self.sink = sink
+        self.method = method
+        self.path = path
+        self.up_headers = {k: v for k, v in headers.get_all()
+                           if k.lower() not in NOT_FORWARDED_UP}
+        self.body = body
+        self.style = style
+        self.cancelled = False
+        self.attempt: Attempt | None = None
+        self.head_sent = False
+        self.content_type = ""
+        self.served_by: NodeState | None = None
+
+    def cancel(self) -> None:
+        """The client went away: close the upstream connection now."""
+        self.cancelled = True
+        if self.attempt is not None:
+            self.attempt.handle.close("client disconnected")
+
+    def send_head(self, status: int, reason: str, headers: httputil.HTTPHeaders) -> None:
+        sink = self.sink
+        sink.set_status(status, reason or None)
+        sink.clear_header("Content-Type")
+        for name, value in headers.get_all():
+            if name.lower() not in NOT_FORWARDED_DOWN:
+                sink.set_header(name, value)
+        self.content_type = headers.get("Content-Type", "")
+        self.head_sent = True
+
+    async def send_chunk(self, chunk: bytes) -> None:
+        self.sink.write(chunk)
+        await self.sink.flush()
+
+    async def run(self, candidates: list[NodeState]) -> bool:
+        """Relay to the candidates in order. Returns False when no node could
+        be reached or every one refused (an answer was still written)."""
+        last: Attempt | None = None
+        last_error = "no node available"
+        for index, node in enumerate(candidates):
+            if self.cancelled:
+                return True
+            can_retry = index < len(candidates) - 1
+            attempt = Attempt(self, node, can_retry)
+            self.attempt = attempt
+            response = await self.relay.fetch(self, attempt)
+            if self.cancelled:
+                return True
+            if attempt.forwarding or self.head_sent:
+                await self._finish_stream(attempt, response)
+                return True
+            # Nothing reached the client: note why, and try the next node.
+            if attempt.status is not None:
+                last = attempt
+                last_error = f"node {node.name} answered {attempt.status}"
+                if attempt.status == 404 and self.relay.on_missing_model is not None:
+                    self.relay.on_missing_model(node)
+            else:
+                last_error = f"node {node.name} failed: {_describe(response, attempt.handle)}"
+                self.relay.node_failed(node, last_error)
+            log.info("failing over from %s: %s", node.name, last_error)
+        if last is not None and last.status is not None:
+            # Every node refused: pass the last node's own answer through.
+            self.send_head(last.status, last.reason, last.headers)
+            self.sink.clear_header("Content-Length")
+            if last.error_buffer:
+                self.sink.write(bytes(last.error_buffer))
+            return False
+        self.write_error(503, f"no node could serve the request ({last_error})")
+        return False
+
+    async def _finish_stream(self, attempt: Attempt, response: HTTPResponse) -> None:
+        if response.code != 599:
+            self.served_by = attempt.node
+            return
+        message = (f"upstream node {attempt.node.name} failed mid-response: "
+                   f"{_describe(response, attempt.handle)}")
+        log.warning(message)
+        chunk = stream_error_chunk(self.content_type, message)
+        if chunk is not None:
+            try:
+                await self.send_chunk(chunk)
+            except Exception:  # the client may be gone as well
+                pass
+        else:
+            # A fixed-length body cannot be completed: cut the connection so
+            # the client sees a short read rather than a corrupt document.
+            conn = getattr(getattr(self.sink, "request", None), "connection", None)
+            if conn is not None:
+                conn.close()
+
+    def write_error(self, status: int, message: str) -> None:
+        """An error produced by the proxy itself, in the client's dialect."""
+        sink = self.sink
+        sink.set_status(status)
+        sink.set_header("Content-Type", "application/json; charset=utf-8")
+        if status >= 500:
+            # The openai SDK resends 5xx by itself; every node was tried already.
+            sink.set_header("x-should-retry", "false")
+        sink.write(error_body(self.style, message, status))
+
+
+def _describe(response: HTTPResponse, handle: ConnectionHandle) -> str:
+    if handle.closed_reason is not None:
+        return handle.closed_reason
+    error = response.error
+    if error is None:
+        return f"status {response.code}"
+    return str(error) or error.__class__.__name__
+
+
+class Relay:
+    """Shared relay machinery: the upstream client, timeouts, bookkeeping."""
+
+    def __init__(self, registry: Registry, *, connect_timeout: float,
+                 idle_timeout: float, max_body_size: int) -> None:
+        self.registry = registry
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.client = make_upstream_client(max_body_size)
+        self.on_node_down = None   # callable(node, reason), set by the app
+        self.on_missing_model = None  # callable(node), set by the app
+
+    def node_failed(self, node: NodeState, reason: str) -> None:
+        """A request could not reach the node: take it out of the pool now,
+        without waiting for the next probe."""
+        if self.registry.mark_down(node, reason) and self.on_node_down is not None:
+            self.on_node_down(node, reason)
+
+    async def fetch(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
+        node = attempt.node
+        request = UpstreamRequest(
+            node.url + exchange.path, attempt.handle,
+            method=exchange.method,
+            headers=exchange.up_headers,
+            body=exchange.body,
+            connect_timeout=self.connect_timeout,
+            request_timeout=0,  # no total deadline: the idle watchdog below
+            header_callback=attempt.on_header_line,
+            streaming_callback=attempt.on_chunk,
+            decompress_response=False,
+            follow_redirects=False,
+            allow_nonstandard_methods=True,
+        )
+        watchdog = _IdleWatchdog(attempt, self.idle_timeout)
+        self.registry.begin(node)
+        ok = False
+        try:
+            try:
+                response = await self.client.fetch(request, raise_error=False)
+            except Exception as exc:  # refused, reset, DNS: no HTTP answer at all
+                response = HTTPResponse(request, 599, error=exc)
+            ok = response.code != 599
+            return response
+        finally:
+            watchdog.stop()
+            self.registry.end(node, ok or exchange.cancelled)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _IdleWatchdog:
+    """Closes the upstream connection when no byte arrived for `timeout`
+    seconds. One timer per request, re-armed lazily, not per chunk."""
+
+    def __init__(self, attempt: Attempt, timeout: float) -> None:
+        self.attempt = attempt
+        self.timeout = timeout
+        self.loop = IOLoop.current()
+        self.timer = self.loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        idle = time.monotonic() - self.attempt.last_activity
+        if idle >= self.timeout:
+            self.attempt.handle.close(f"no data from node for {self.timeout:g} s")
+            self.timer = None
+        else:
+            self.timer = self.loop.call_later(self.timeout - idle, self._check)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.loop.remove_timeout(self.timer)
+            self.timer = None
