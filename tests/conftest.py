@@ -1,0 +1,97 @@
+"""Fixtures: test Ollama nodes and an Aivonx in front of them, all on
+127.0.0.1 in the test's own IOLoop, driven over real HTTP."""
+from __future__ import annotations
+
+import os
+from typing import Any, Awaitable, Callable
+
+import pytest
+from tornado.httpserver import HTTPServer
+
+from aivonx.app import Context, bound_port, make_app
+from aivonx.settings import Settings
+from tests.fakes.fake_ollama import FakeOllama
+
+
+class Proxy:
+    """A running Aivonx: its URL and its shared objects."""
+
+    def __init__(self, ctx: Context, server: HTTPServer) -> None:
+        self.ctx = ctx
+        self.server = server
+        self.port = bound_port(server)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def registry(self):
+        return self.ctx.registry
+
+    def node(self, fake: FakeOllama):
+        """The registry's state for a fake node."""
+        for state in self.ctx.registry.nodes.values():
+            if state.port == fake.port:
+                return state
+        raise KeyError(fake.url)
+
+    async def probe(self) -> None:
+        await self.ctx.monitor.probe_all()
+
+    async def stop(self) -> None:
+        self.server.stop()
+        await self.server.close_all_connections()
+        self.ctx.close()
+
+
+@pytest.fixture
+def make_node(io_loop) -> Callable[..., Awaitable[FakeOllama]]:
+    nodes: list[FakeOllama] = []
+
+    async def make(models=("llama3:latest",), **kwargs: Any) -> FakeOllama:
+        node = FakeOllama(list(models), **kwargs)
+        await node.start()
+        nodes.append(node)
+        return node
+
+    yield make
+
+    async def stop_all() -> None:
+        for node in nodes:
+            await node.stop()
+
+    io_loop.run_sync(stop_all)
+
+
+@pytest.fixture
+def make_proxy(io_loop, tmp_path) -> Callable[..., Awaitable[Proxy]]:
+    proxies: list[Proxy] = []
+
+    async def make(nodes: list[FakeOllama] = (), db: str | None = None, start: bool = True,
+                   **overrides: Any) -> Proxy:
+        options = {"health_interval": 0.5, "probe_timeout": 1.0, **overrides}
+        settings = Settings(port=0, db=db or str(tmp_path / f"aivonx{len(proxies)}.db"),
+                            nodes=[n.url for n in nodes], **options)
+        ctx = Context(settings)
+        ctx.open_store()
+        if start:
+            await ctx.start()
+        server = HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
+                            max_buffer_size=settings.max_body_size)
+        server.listen(0, address="127.0.0.1")
+        proxy = Proxy(ctx, server)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+
+    async def stop_all() -> None:
+        for proxy in proxies:
+            await proxy.stop()
+
+    io_loop.run_sync(stop_all)
+
+
+@pytest.fixture
+def artifacts_dir() -> str:
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "artifacts")
+    os.makedirs(path, exist_ok=True)
+    return path

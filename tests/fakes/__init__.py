@@ -1,0 +1,1 @@
+"""Test doubles for the servers Aivonx talks to."""

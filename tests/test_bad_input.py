@@ -1,0 +1,77 @@
+"""Bad input gets Ollama's error shape and a 4xx, never a traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+
+async def call(url: str, method: str = "POST", body: bytes | None = None):
+    client = AsyncHTTPClient(force_instance=True)
+    try:
+        return await client.fetch(url, method=method, body=body, raise_error=False,
+                                  allow_nonstandard_methods=True)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/api/generate", b"", 400, "missing request body"),
+    ("/api/generate", b"{not json", 400, "invalid JSON"),
+    ("/api/generate", b"[1, 2]", 400, "must be a JSON object"),
+    ("/api/generate", b'{"prompt": "x"}', 400, "model is required"),
+    ("/api/generate", b'{"model": 42}', 400, "expected a string"),
+    ("/api/generate", b'{"model": "llama3", "stream": "yes"}', 400, "'stream'"),
+    ("/api/chat", b'{"model": "llama3", "messages": "hi"}', 400, "'messages'"),
+    ("/api/embed", b'{"model": "llama3", "input": 5}', 400, "'input'"),
+    ("/api/generate", b'{"model": "a//b"}', 400, "invalid model name"),
+    ("/api/generate", b'{"model": "' + b"x" * 5000 + b'"}', 400, "invalid model name"),
+    ("/api/generate", b'{"model": "llama3", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+    ("/api/generate", b"[" * 100000 + b"]" * 100000, 400, ""),
+    ("/api/nope", b"{}", 404, "404 page not found"),
+    ("/definitely/unknown", None, 404, "404 page not found"),
+])
+async def test_bad_requests_get_ollama_errors(io_loop, make_node, make_proxy, path, body,
+                                              status, message):
+    proxy = await make_proxy([await make_node()])
+    method = "GET" if body is None else "POST"
+    response = await call(proxy.url + path, method, body)
+    assert response.code == status
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = json.loads(response.body)["error"]
+    assert isinstance(error, str) and message in error
+    assert "Traceback" not in error
+
+
+async def test_wrong_method_is_405_in_ollama_shape(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()])
+    for method, path in [("GET", "/api/chat"), ("DELETE", "/api/generate"),
+                         ("POST", "/api/tags"), ("PUT", "/v1/chat/completions")]:
+        response = await call(proxy.url + path, method, b"{}" if method != "GET" else None)
+        assert response.code == 405, (method, path)
+        error = json.loads(response.body)["error"]
+        if path.startswith("/v1/"):
+            error = error["message"]  # OpenAI's shape on the OpenAI API
+        assert error == "405 method not allowed"
+
+
+async def test_openai_errors_in_openai_shape(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()])
+    response = await call(proxy.url + "/v1/chat/completions", "POST", b"{oops")
+    assert response.code == 400
+    error = json.loads(response.body)["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+
+
+async def test_root_version_and_head(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()])
+    root = await call(proxy.url + "/", "GET")
+    assert root.body == b"Ollama is running"
+    assert root.headers["Content-Type"] == "text/plain; charset=utf-8"
+    head = await call(proxy.url + "/", "HEAD")
+    assert head.code == 200 and head.body == b""
+    version = await call(proxy.url + "/api/version", "GET")
+    assert json.loads(version.body) == {"version": "0.12.3"}
+    health = await call(proxy.url + "/api/health", "GET")
+    assert json.loads(health.body) == {"status": "healthy"}
