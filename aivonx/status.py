@@ -1,0 +1,59 @@
+"""The cluster's live state as plain data, for the state API and the status page."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .registry import NodeState
+
+
+def _seconds(value: float | None) -> float | None:
+    """Strict JSON has no Infinity or NaN: unknown is null."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, 6)
+
+
+def node_view(node: NodeState) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "name": node.name,
+        "address": node.address,
+        "port": node.port,
+        "url": node.url,
+        "status": node.status,            # active | standby | drained
+        "enabled": node.enabled,
+        "healthy": node.healthy,
+        "since": node.since,               # unix time of the last status change
+        "reason": node.reason,
+        "latency": _seconds(node.latency),
+        "last_latency": _seconds(node.last_latency),
+        "latency_history": [_seconds(v) for v in node.latency_history],
+        "version": node.version,
+        "active_requests": node.active_requests,
+        "requests_served": node.requests_served,
+        "errors": node.errors,
+        "models": sorted(node.models.values()),
+        "loaded": sorted({e.get("model") or e.get("name") for e in node.loaded}),
+    }
+
+
+def cluster_state(ctx: Any) -> dict[str, Any]:
+    """Everything the state API and the status page show, in one snapshot."""
+    registry = ctx.registry
+    nodes = sorted(registry.nodes.values(), key=lambda n: n.id)
+    views = [node_view(n) for n in nodes]
+    return {
+        "active": [n.url for n in nodes if n.status == "active"],
+        "standby": [n.url for n in nodes if n.status != "active"],
+        "node_id_map": {str(n.id): n.url for n in nodes},
+        "latencies": {n.url: _seconds(n.latency) for n in nodes},
+        "active_counts": {n.url: n.active_requests for n in nodes},
+        "models": {n.url: sorted(n.models.values()) for n in nodes},
+        "loaded_models": {n.url: v["loaded"] for n, v in zip(nodes, views)},
+        "strategy": ctx.router.strategy,
+        "total_active_requests": registry.total_active(),
+        "requests_served": registry.requests_served,
+        "errors": registry.errors,
+        "nodes": views,
+    }
