@@ -10,11 +10,13 @@ from tornado.httpserver import HTTPServer
 
 from . import catalog, store
 from .fanout import fetch_model_lists
-from .handlers import base, manage, ollama, openai
+from .handlers import base, manage, metrics, ollama, openai
+from .metrics import Metrics
 from .monitor import Monitor
 from .registry import NodeState, Registry
 from .relay import Relay
 from .router import DEFAULT_STRATEGY, STRATEGIES, Router
+from .scheduler import Scheduler
 from .settings import Settings
 
 log = logging.getLogger("aivonx")
@@ -27,12 +29,17 @@ class Context:
         self.settings = settings
         self.registry = Registry()
         self.router = Router(self.registry)
-        self.relay = Relay(self.registry, connect_timeout=settings.connect_timeout,
+        self.scheduler = Scheduler(self.registry, self.router, max_queue=settings.max_queue,
+                                   max_wait=settings.max_wait)
+        self.metrics = Metrics()
+        self.relay = Relay(self.registry, self.router, self.scheduler, self.metrics,
+                           connect_timeout=settings.connect_timeout,
                            idle_timeout=settings.idle_timeout,
                            max_body_size=settings.max_body_size)
         self.monitor = Monitor(self.registry, interval=settings.health_interval,
                                timeout=settings.probe_timeout,
-                               on_models_changed=self._models_changed)
+                               on_models_changed=self._models_changed,
+                               on_status_changed=lambda node: self.scheduler.dispatch())
         self.relay.on_missing_model = self._missing_model
         self.db = None
 
@@ -47,8 +54,11 @@ class Context:
 
     def sync_node(self, node: store.Node) -> NodeState:
         """Bring the registry in line with a stored node (after any change)."""
-        return self.registry.upsert(node.id, node.name, node.address, node.port,
-                                    node.active, node.models)
+        state = self.registry.upsert(node.id, node.name, node.address, node.port,
+                                     node.active, node.models, slots=node.slots,
+                                     weight=node.weight)
+        self.scheduler.dispatch()  # more capacity may wake waiting requests
+        return state
 
     def _models_changed(self, state: NodeState) -> None:
         if self.db is not None:
@@ -91,6 +101,7 @@ def make_app(ctx: Context) -> tornado.web.Application:
         *ollama.routes(ctx),
         *openai.routes(ctx),
         *manage.routes(ctx),
+        *metrics.routes(ctx),
     ]
     return tornado.web.Application(
         routes,

@@ -22,9 +22,26 @@ async def _serve_forever(settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down")
+    await shutdown(ctx, server, settings.shutdown_grace)
+
+
+async def shutdown(ctx, server, grace: float) -> None:
+    """Stop accepting, let in-flight requests finish for up to `grace`
+    seconds, then close. The store is the truth: nothing needs saving."""
     server.stop()
+    deadline = asyncio.get_running_loop().time() + grace
+    busy = ctx.registry.total_active() + ctx.scheduler.depth
+    if busy:
+        log.info("shutting down: waiting up to %g s for %d in-flight request(s)", grace, busy)
+    while (ctx.registry.total_active() or ctx.scheduler.depth) and \
+            asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    left = ctx.registry.total_active()
+    if left:
+        log.warning("shutting down: closing %d request(s) still in flight", left)
+    await server.close_all_connections()
     ctx.close()
+    log.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,11 @@ log = logging.getLogger("aivonx.monitor")
 # Nothing a node sends is trusted: bound what a probe reads.
 MAX_PROBE_BODY = 16 * 1024 * 1024
 MAX_MODELS = 10_000
+# An unreachable node is probed every interval for its first failures (a
+# brief outage is noticed at once), then with exponential backoff up to
+# this cap, so a box that is off for hours costs nearly nothing.
+BACKOFF_AFTER = 3
+BACKOFF_MAX = 60.0
 
 
 class ProbeError(Exception):
@@ -81,12 +86,24 @@ class Monitor:
     def _tick(self) -> None:
         if self._cycle is not None and not self._cycle.done():
             return  # the previous cycle is still waiting on its timeouts
-        self._cycle = asyncio.ensure_future(self.probe_all())
+        now = time.monotonic()
+        due = [n for n in self.registry.nodes.values() if n.next_probe_at <= now]
+        self._cycle = asyncio.ensure_future(self.probe_all(due))
 
-    async def probe_all(self) -> None:
-        nodes = list(self.registry.nodes.values())
+    async def probe_all(self, nodes: list[NodeState] | None = None) -> None:
+        if nodes is None:
+            nodes = list(self.registry.nodes.values())
         await asyncio.gather(*(self.probe(n) for n in nodes), return_exceptions=True)
         self.cycles += 1
+
+    def _schedule_next(self, node: NodeState, failed: bool) -> None:
+        node.probe_failures = node.probe_failures + 1 if failed else 0
+        delay = 0.0
+        if node.probe_failures >= BACKOFF_AFTER:
+            exponent = node.probe_failures - BACKOFF_AFTER + 1
+            delay = min(self.interval * 2 ** min(exponent, 16), max(BACKOFF_MAX, self.interval))
+        # Half an interval early, so the node is due at the next tick.
+        node.next_probe_at = time.monotonic() + delay - self.interval / 2
 
     async def _get(self, node: NodeState, path: str) -> HTTPResponse:
         request = HTTPRequest(node.url + path, connect_timeout=self.timeout,
@@ -116,10 +133,12 @@ class Monitor:
                 raise ProbeError(f"/api/tags: {_reason(tags)}")
             tag_entries = parse_model_list(tags.body)
         except ProbeError as exc:
+            self._schedule_next(node, failed=True)
             if self.registry.mark_down(node, str(exc)):
                 log.warning("node %s (%s) is down: %s", node.name, node.url, exc)
                 self._status_changed(node)
             return
+        self._schedule_next(node, failed=False)
         self.registry.record_latency(node, latency)
         names = [entry_name(e) for e in tag_entries]
         if set(names) != set(node.models.values()):

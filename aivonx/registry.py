@@ -6,6 +6,7 @@ report what they observe, the management API reports what admins change.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -13,6 +14,22 @@ from . import modelnames
 from .nodeaddr import base_url
 
 LATENCY_SMOOTHING = 0.3  # weight of a new sample in the moving average
+DEFAULT_SLOTS = 4         # Ollama's default parallelism where memory allows
+
+# Live-traffic circuit breaker: this many transport failures within the
+# window open it; it stays open for the cooldown, doubling each time it
+# re-opens right after closing, up to the cap.
+BREAKER_FAILURES = 3
+BREAKER_WINDOW = 60.0
+BREAKER_COOLDOWN = 15.0
+BREAKER_COOLDOWN_MAX = 300.0
+# A node answering 429/503 ("server busy") rests this long unless it says
+# how long itself (Retry-After), bounded.
+BUSY_COOLDOWN = 5.0
+BUSY_COOLDOWN_MAX = 60.0
+# Slower than this (smoothed probe latency) or failing recently: degraded.
+DEGRADED_LATENCY = 1.0
+DEGRADED_ERROR_WINDOW = 60.0
 
 
 @dataclass
@@ -35,20 +52,59 @@ class NodeState:
     active_requests: int = 0
     requests_served: int = 0
     errors: int = 0
+    slots: int = DEFAULT_SLOTS     # parallel requests the node takes before queueing
+    weight: float = 1.0            # relative capacity, for unequal hardware
+    failures: deque = field(default_factory=deque)  # monotonic times of transport failures
+    breaker_until: float = 0.0     # monotonic; the circuit is open before this
+    breaker_cooldown: float = BREAKER_COOLDOWN
+    cooldown_until: float = 0.0    # monotonic; resting after 429/503 before this
+    last_error_at: float = 0.0     # monotonic time of the last failed request
+    probe_failures: int = 0        # consecutive failed probes
+    next_probe_at: float = 0.0     # monotonic; probe backoff for unhealthy nodes
 
     @property
     def url(self) -> str:
         return base_url(self.address, self.port)
 
     @property
+    def header_name(self) -> str:
+        """The name as a response header value may carry it (printable ASCII)."""
+        cleaned = "".join(c for c in self.name if 32 <= ord(c) < 127).strip()
+        return cleaned or str(self.id)
+
+    def resting(self, now: float | None = None) -> bool:
+        """Open circuit or busy cooldown: healthy, but not taking requests."""
+        now = time.monotonic() if now is None else now
+        return now < self.breaker_until or now < self.cooldown_until
+
+    @property
     def routable(self) -> bool:
-        return self.enabled and self.healthy
+        return self.enabled and self.healthy and not self.resting()
 
     @property
     def status(self) -> str:
+        """The pool: active (routable), standby, or drained by the admin."""
         if not self.enabled:
             return "drained"
-        return "active" if self.healthy else "standby"
+        return "active" if self.routable else "standby"
+
+    @property
+    def health(self) -> str:
+        """healthy, degraded (slow, erroring, resting), unhealthy
+        (unreachable) or drained (admin)."""
+        if not self.enabled:
+            return "drained"
+        if not self.healthy:
+            return "unhealthy"
+        now = time.monotonic()
+        if (self.resting(now) or now - self.last_error_at < DEGRADED_ERROR_WINDOW
+                or (self.latency is not None and self.latency > DEGRADED_LATENCY)):
+            return "degraded"
+        return "healthy"
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.active_requests < self.slots
 
     def has_model(self, key: str) -> bool:
         return key in self.models
@@ -78,15 +134,17 @@ class Registry:
 
     # -- membership (from the store / management API) -----------------------
     def upsert(self, node_id: int, name: str, address: str, port: int,
-               enabled: bool, models: Iterable[str] = ()) -> NodeState:
+               enabled: bool, models: Iterable[str] = (), *, slots: int = DEFAULT_SLOTS,
+               weight: float = 1.0) -> NodeState:
         state = self.nodes.get(node_id)
         if state is None:
             state = NodeState(id=node_id, name=name, address=address, port=port,
-                              enabled=enabled)
+                              enabled=enabled, slots=slots, weight=weight)
             self.nodes[node_id] = state
             self.set_models(state, models)
             return state
         moved = (state.address, state.port) != (address, port)
+        state.slots, state.weight = slots, weight
         state.name = name
         state.address, state.port = address, port
         if moved:
@@ -116,7 +174,8 @@ class Registry:
         if changed:
             state.healthy = True
             state.since = time.time()
-        state.reason = "ok"
+        if not state.resting():
+            state.reason = "ok"  # else keep saying why it rests
         return changed
 
     def mark_down(self, state: NodeState, reason: str) -> bool:
@@ -125,8 +184,40 @@ class Registry:
         if changed:
             state.healthy = False
             state.since = time.time()
-        state.reason = reason[:300]
+        if not state.resting():
+            state.reason = reason[:300]  # else keep saying why it rests
         return changed
+
+    def transport_failed(self, state: NodeState, reason: str) -> bool:
+        """A live request could not talk to the node. Repeated failures open
+        the circuit, so a node that flaps between probes stops eating
+        requests. Returns True when the circuit just opened."""
+        now = time.monotonic()
+        state.last_error_at = now
+        state.failures.append(now)
+        while state.failures and now - state.failures[0] > BREAKER_WINDOW:
+            state.failures.popleft()
+        if len(state.failures) < BREAKER_FAILURES or now < state.breaker_until:
+            return False
+        # Re-opening soon after the last opening means it is still flapping.
+        if now - state.breaker_until < BREAKER_WINDOW and state.breaker_until:
+            state.breaker_cooldown = min(state.breaker_cooldown * 2, BREAKER_COOLDOWN_MAX)
+        else:
+            state.breaker_cooldown = BREAKER_COOLDOWN
+        state.breaker_until = now + state.breaker_cooldown
+        state.failures.clear()
+        state.reason = (f"circuit open for {state.breaker_cooldown:g} s after "
+                        f"{BREAKER_FAILURES} failures: {reason}")[:300]
+        state.since = time.time()
+        return True
+
+    def busy(self, state: NodeState, retry_after: float | None) -> None:
+        """The node said 429/503: let it rest instead of hammering it."""
+        rest = BUSY_COOLDOWN if retry_after is None else retry_after
+        rest = max(1.0, min(rest, BUSY_COOLDOWN_MAX))
+        state.cooldown_until = time.monotonic() + rest
+        state.last_error_at = time.monotonic()
+        state.reason = f"busy: resting {rest:g} s"
 
     def record_latency(self, state: NodeState, seconds: float) -> None:
         state.last_latency = seconds
@@ -168,6 +259,14 @@ class Registry:
     # -- views ---------------------------------------------------------------
     def routable(self) -> list[NodeState]:
         return [n for n in self.nodes.values() if n.routable]
+
+    def model_label(self, key: str) -> str:
+        """A model's display name as the nodes list it, for metrics labels."""
+        for node in self.nodes.values():
+            name = node.models.get(key)
+            if name is not None:
+                return name
+        return key
 
     def total_active(self) -> int:
         return sum(n.active_requests for n in self.nodes.values())

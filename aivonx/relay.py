@@ -12,10 +12,11 @@ node is silent during a model load.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
@@ -45,6 +46,7 @@ NOT_FORWARDED_DOWN = HOP_BY_HOP | {"date", "server"}
 # the client yet: the node lacks the model after all, is overloaded, or
 # failed to load or run it.
 RETRYABLE_STATUS = frozenset({404, 429, 500, 502, 503, 504})
+BUSY_STATUS = frozenset({429, 503})
 MAX_BUFFERED_ERROR = 64 * 1024
 
 
@@ -191,28 +193,33 @@ class Attempt:
         self.forwarding = False   # True once the head went to the client
         self.error_buffer = bytearray()
         self.chunks = 0
-        self.last_activity = time.monotonic()
+        self.started = time.monotonic()
+        self.first_chunk_at: float | None = None
+        self.last_activity = self.started
 
     def on_header_line(self, line: str) -> None:
         self.last_activity = time.monotonic()
-        if self.status is None or line.startswith("HTTP/"):
-            if line.startswith("HTTP/"):
-                start = httputil.parse_response_start_line(line.strip())
-                self.status, self.reason = start.code, start.reason
-                self.headers = httputil.HTTPHeaders()
+        if line.startswith("HTTP/"):
+            start = httputil.parse_response_start_line(line.strip())
+            self.status, self.reason = start.code, start.reason
+            self.headers = httputil.HTTPHeaders()
+            return
+        if self.status is None:
             return
         if line in ("\r\n", "\n"):
-            if self.status is not None and self.status >= 200:
+            if self.status >= 200:
                 self._head_complete()
             return
         self.headers.parse_line(line)
 
     def _head_complete(self) -> None:
         assert self.status is not None
+        if self.status in BUSY_STATUS:
+            self.exchange.relay.node_busy(self.node, self.headers.get("Retry-After"))
         if self.can_retry and self.status in RETRYABLE_STATUS:
             return  # buffer the body; the exchange decides on failover
         self.forwarding = True
-        self.exchange.send_head(self.status, self.reason, self.headers)
+        self.exchange.send_head(self, self.status, self.reason, self.headers)
 
     async def on_chunk(self, chunk: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -223,16 +230,23 @@ class Attempt:
             if room > 0:
                 self.error_buffer += chunk[:room]
             return
+        if self.first_chunk_at is None:
+            self.first_chunk_at = self.last_activity
         self.chunks += 1
         await self.exchange.send_chunk(chunk)
 
 
 class Exchange:
-    """A client request relayed to the first candidate node that takes it."""
+    """A client request relayed to the first node that takes it.
+
+    Nodes come from the scheduler one at a time, each with a reserved slot;
+    a node that fails before anything reached the client is excluded and the
+    next one is asked for, waiting in the queue if all are busy.
+    """
 
     def __init__(self, relay: "Relay", sink: Sink, method: str, path: str,
                  headers: httputil.HTTPHeaders, body: bytes | None,
-                 style: str = "ollama") -> None:
+                 style: str = "ollama", model: str = "", received_at: float | None = None) -> None:
         self.relay = relay
         self.sink = sink
         self.method = method
@@ -241,25 +255,38 @@ class Exchange:
                            if k.lower() not in NOT_FORWARDED_UP}
         self.body = body
         self.style = style
+        self.model = model
+        self.received_at = time.monotonic() if received_at is None else received_at
+        self.queued = 0.0
         self.cancelled = False
+        self.gone: asyncio.Future = asyncio.get_running_loop().create_future()
         self.attempt: Attempt | None = None
         self.head_sent = False
         self.content_type = ""
-        self.served_by: NodeState | None = None
 
     def cancel(self) -> None:
         """The client went away: close the upstream connection now."""
         self.cancelled = True
+        if not self.gone.done():
+            self.gone.set_result(None)
         if self.attempt is not None:
             self.attempt.handle.close("client disconnected")
 
-    def send_head(self, status: int, reason: str, headers: httputil.HTTPHeaders) -> None:
+    def send_head(self, attempt: Attempt, status: int, reason: str,
+                  headers: httputil.HTTPHeaders) -> None:
         sink = self.sink
         sink.set_status(status, reason or None)
         sink.clear_header("Content-Type")
         for name, value in headers.get_all():
             if name.lower() not in NOT_FORWARDED_DOWN:
                 sink.set_header(name, value)
+        # Which node answered, and what the proxy itself cost (queueing and
+        # the node's own time excluded).
+        overhead = (attempt.started - self.received_at - self.queued
+                    + time.monotonic() - attempt.last_activity)
+        sink.set_header("X-Aivonx-Node", attempt.node.header_name)
+        sink.set_header("X-Aivonx-Overhead-Ms", f"{max(overhead, 0.0) * 1000:.3f}")
+        self.relay.metrics.overhead.observe((), max(overhead, 0.0))
         self.content_type = headers.get("Content-Type", "")
         self.head_sent = True
 
@@ -267,50 +294,80 @@ class Exchange:
         self.sink.write(chunk)
         await self.sink.flush()
 
-    async def run(self, candidates: list[NodeState]) -> bool:
-        """Relay to the candidates in order. Returns False when no node could
-        be reached or every one refused (an answer was still written)."""
+    def _more_candidates(self, key: str, tried: set[int]) -> bool:
+        try:
+            return any(n.id not in tried for n in self.relay.router.eligible(key))
+        except (LookupError, RuntimeError):
+            return False
+
+    async def _next_node(self, key: str, tried: set[int]) -> NodeState | None:
+        scheduler = self.relay.scheduler
+        asked = time.monotonic()
+        try:
+            return await scheduler.acquire(key, tried, self.gone)
+        finally:
+            waited = time.monotonic() - asked
+            self.queued += waited
+            if waited > 0.0005:
+                self.relay.metrics.queue_wait.observe((), waited)
+
+    async def run(self, key: str) -> None:
+        """Relay the request to the best node for the model `key`.
+
+        The first node is asked for outside any try: NoSuchModel,
+        NoHealthyNode, QueueFull and QueueTimeout reach the caller, which
+        answers them. Later failures end with the last node's answer or a
+        503 written here."""
+        tried: set[int] = set()
+        node = await self._next_node(key, tried)
         last: Attempt | None = None
         last_error = "no node available"
-        for index, node in enumerate(candidates):
-            if self.cancelled:
-                return True
-            can_retry = index < len(candidates) - 1
-            attempt = Attempt(self, node, can_retry)
+        while node is not None and not self.cancelled:
+            tried.add(node.id)
+            attempt = Attempt(self, node, self._more_candidates(key, tried))
             self.attempt = attempt
             response = await self.relay.fetch(self, attempt)
             if self.cancelled:
-                return True
-            if attempt.forwarding or self.head_sent:
+                return
+            if attempt.forwarding:
                 await self._finish_stream(attempt, response)
-                return True
+                return
             # Nothing reached the client: note why, and try the next node.
             if attempt.status is not None:
                 last = attempt
                 last_error = f"node {node.name} answered {attempt.status}"
-                if attempt.status == 404 and self.relay.on_missing_model is not None:
-                    self.relay.on_missing_model(node)
+                if attempt.status == 404:
+                    self.relay.model_missing(node)
             else:
                 last_error = f"node {node.name} failed: {_describe(response, attempt.handle)}"
                 self.relay.node_failed(node, last_error)
+            self.relay.metrics.failure(node.name, self.model, "status" if attempt.status
+                                       else "connect")
             log.info("failing over from %s: %s", node.name, last_error)
+            try:
+                node = await self._next_node(key, tried)
+            except (LookupError, RuntimeError):
+                node = None
+        if self.cancelled:
+            return
         if last is not None and last.status is not None:
             # Every node refused: pass the last node's own answer through.
-            self.send_head(last.status, last.reason, last.headers)
+            self.send_head(last, last.status, last.reason, last.headers)
             self.sink.clear_header("Content-Length")
             if last.error_buffer:
                 self.sink.write(bytes(last.error_buffer))
-            return False
+            return
         self.write_error(503, f"no node could serve the request ({last_error})")
-        return False
 
     async def _finish_stream(self, attempt: Attempt, response: HTTPResponse) -> None:
         if response.code != 599:
-            self.served_by = attempt.node
             return
-        message = (f"upstream node {attempt.node.name} failed mid-response: "
+        node = attempt.node
+        message = (f"upstream node {node.name} failed mid-response: "
                    f"{_describe(response, attempt.handle)}")
         log.warning(message)
+        self.relay.metrics.failure(node.name, self.model, "midstream")
+        self.relay.transport_failed(node, message)
         chunk = stream_error_chunk(self.content_type, message)
         if chunk is not None:
             try:
@@ -344,25 +401,47 @@ def _describe(response: HTTPResponse, handle: ConnectionHandle) -> str:
     return str(error) or error.__class__.__name__
 
 
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 class Relay:
     """Shared relay machinery: the upstream client, timeouts, bookkeeping."""
 
-    def __init__(self, registry: Registry, *, connect_timeout: float,
-                 idle_timeout: float, max_body_size: int) -> None:
+    def __init__(self, registry: Registry, router: Any, scheduler: Any, metrics: Any, *,
+                 connect_timeout: float, idle_timeout: float, max_body_size: int) -> None:
         self.registry = registry
+        self.router = router
+        self.scheduler = scheduler
+        self.metrics = metrics
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.client = make_upstream_client(max_body_size)
-        self.on_node_down = None   # callable(node, reason), set by the app
-        self.on_missing_model = None  # callable(node), set by the app
+        # Set by the app: re-probe a node whose model list proved stale.
+        self.on_missing_model: Callable[[NodeState], None] | None = None
 
     def node_failed(self, node: NodeState, reason: str) -> None:
         """A request could not reach the node: take it out of the pool now,
         without waiting for the next probe."""
-        if self.registry.mark_down(node, reason) and self.on_node_down is not None:
-            self.on_node_down(node, reason)
+        self.registry.mark_down(node, reason)
+        self.transport_failed(node, reason)
+
+    def transport_failed(self, node: NodeState, reason: str) -> None:
+        if self.registry.transport_failed(node, reason):
+            log.warning("circuit opened for node %s: %s", node.name, node.reason)
+
+    def node_busy(self, node: NodeState, retry_after: str | None) -> None:
+        self.registry.busy(node, _retry_after(retry_after))
+
+    def model_missing(self, node: NodeState) -> None:
+        if self.on_missing_model is not None:
+            self.on_missing_model(node)
 
     async def fetch(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
+        """One upstream exchange on the node the scheduler reserved."""
         node = attempt.node
         request = UpstreamRequest(
             node.url + exchange.path, attempt.handle,
@@ -378,18 +457,23 @@ class Relay:
             allow_nonstandard_methods=True,
         )
         watchdog = _IdleWatchdog(attempt, self.idle_timeout)
-        self.registry.begin(node)
         ok = False
         try:
             try:
                 response = await self.client.fetch(request, raise_error=False)
             except Exception as exc:  # refused, reset, DNS: no HTTP answer at all
                 response = HTTPResponse(request, 599, error=exc)
-            ok = response.code != 599
+            ok = response.code != 599 or exchange.cancelled
             return response
         finally:
             watchdog.stop()
-            self.registry.end(node, ok or exchange.cancelled)
+            self.scheduler.release(node, ok)
+            if attempt.forwarding:
+                now = time.monotonic()
+                ttft = None if attempt.first_chunk_at is None else (
+                    attempt.first_chunk_at - attempt.started)
+                self.metrics.request_done(node.name, exchange.model, attempt.status or 599,
+                                          now - attempt.started, ttft)
 
     def close(self) -> None:
         self.client.close()

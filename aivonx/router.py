@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 from .registry import NodeState, Registry
 
-Strategy = Callable[[list[NodeState], int], list[NodeState]]
+Strategy = Callable[[list[NodeState], str, "Router"], list[NodeState]]
 
 
 class NoSuchModel(LookupError):
@@ -30,28 +30,47 @@ def _rotate(nodes: list[NodeState], turn: int) -> list[NodeState]:
     return nodes[k:] + nodes[:k]
 
 
-def least_active(nodes: list[NodeState], turn: int) -> list[NodeState]:
-    """Fewest in-flight requests first; ties rotate so that an idle cluster
-    spreads requests instead of piling them onto the first node."""
-    return sorted(_rotate(nodes, turn), key=lambda n: n.active_requests)
+def least_active(nodes: list[NodeState], key: str, router: "Router") -> list[NodeState]:
+    """Fewest in-flight requests per unit of weight first; ties rotate so
+    that an idle cluster spreads requests instead of piling them onto the
+    first node."""
+    return sorted(_rotate(nodes, router.next_turn()),
+                  key=lambda n: n.active_requests / n.weight)
 
 
-def lowest_latency(nodes: list[NodeState], turn: int) -> list[NodeState]:
+def lowest_latency(nodes: list[NodeState], key: str, router: "Router") -> list[NodeState]:
     """Lowest smoothed probe latency first; unknown latency last."""
-    return sorted(_rotate(nodes, turn),
+    return sorted(_rotate(nodes, router.next_turn()),
                   key=lambda n: (math.inf if n.latency is None else n.latency,
-                                 n.active_requests))
+                                 n.active_requests / n.weight))
 
 
-def round_robin(nodes: list[NodeState], turn: int) -> list[NodeState]:
-    """Each node in turn, whatever its load."""
-    return _rotate(sorted(nodes, key=lambda n: n.id), turn)
+def round_robin(nodes: list[NodeState], key: str, router: "Router") -> list[NodeState]:
+    """Each node in turn, whatever its load, as often as its weight says
+    (smooth weighted round robin: heavier nodes are spread, not bunched)."""
+    credits = router.credits
+    total = 0.0
+    for node in nodes:
+        credits[node.id] = credits.get(node.id, 0.0) + node.weight
+        total += node.weight
+    ordered = sorted(nodes, key=lambda n: (-credits[n.id], n.id))
+    if ordered:
+        credits[ordered[0].id] -= total
+    return ordered
+
+
+def warm_first(nodes: list[NodeState], key: str, router: "Router") -> list[NodeState]:
+    """Nodes that already hold the model in memory first (a cold load costs
+    seconds to minutes), each group in least_active order."""
+    ordered = least_active(nodes, key, router)
+    return sorted(ordered, key=lambda n: key not in n.loaded_keys())
 
 
 STRATEGIES: dict[str, Strategy] = {
     "least_active": least_active,
     "lowest_latency": lowest_latency,
     "round_robin": round_robin,
+    "warm_first": warm_first,
 }
 DEFAULT_STRATEGY = "least_active"
 
@@ -61,6 +80,7 @@ class Router:
         self.registry = registry
         self.strategy = strategy
         self._turns = itertools.count()
+        self.credits: dict[int, float] = {}
 
     @property
     def strategy(self) -> str:
@@ -72,15 +92,22 @@ class Router:
             raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
         self._strategy = name
 
-    def candidates(self, key: str) -> list[NodeState]:
-        """Routable nodes that have the model (canonical key), best first."""
+    def next_turn(self) -> int:
+        return next(self._turns)
+
+    def eligible(self, key: str) -> list[NodeState]:
+        """Routable nodes that have the model (canonical key), unordered."""
         having = [n for n in self.registry.nodes.values() if n.has_model(key)]
         if not having:
             raise NoSuchModel(key)
         up = [n for n in having if n.routable]
         if not up:
             raise NoHealthyNode(key)
-        return self.order(up)
+        return up
 
-    def order(self, nodes: Iterable[NodeState]) -> list[NodeState]:
-        return STRATEGIES[self._strategy](sorted(nodes, key=lambda n: n.id), next(self._turns))
+    def candidates(self, key: str) -> list[NodeState]:
+        """The eligible nodes best first, degraded ones after healthy ones.
+        Each call is one routing decision: it advances the rotation."""
+        up = self.eligible(key)
+        ordered = STRATEGIES[self._strategy](sorted(up, key=lambda n: n.id), key, self)
+        return sorted(ordered, key=lambda n: n.health != "healthy")

@@ -31,6 +31,12 @@ class Settings:
     # itself sets no limit.
     max_body_size: int = 1024 * 1024 * 1024
     max_header_size: int = 64 * 1024
+    # When every node is full, requests wait in one FIFO queue this long at
+    # most (Ollama's own queue holds 512 by default).
+    max_queue: int = 512
+    max_wait: float = 120.0
+    # On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    shutdown_grace: float = 30.0
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -75,6 +81,20 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         default=_positive_float(_env(env, "AIVONX_HEALTH_INTERVAL")
                                                 or str(defaults.health_interval)),
                         help="seconds between node probes (AIVONX_HEALTH_INTERVAL, default 10)")
+    parser.add_argument("--max-queue", type=int,
+                        default=int(_env(env, "AIVONX_MAX_QUEUE") or defaults.max_queue),
+                        help="requests that may wait for a free node slot (AIVONX_MAX_QUEUE, "
+                             "default 512)")
+    parser.add_argument("--max-wait", type=_positive_float,
+                        default=_positive_float(_env(env, "AIVONX_MAX_WAIT")
+                                                or str(defaults.max_wait)),
+                        help="seconds a request may wait for a slot before a 503 "
+                             "(AIVONX_MAX_WAIT, default 120)")
+    parser.add_argument("--shutdown-grace", type=_positive_float,
+                        default=_positive_float(_env(env, "AIVONX_SHUTDOWN_GRACE")
+                                                or str(defaults.shutdown_grace)),
+                        help="seconds in-flight requests get to finish on SIGTERM "
+                             "(AIVONX_SHUTDOWN_GRACE, default 30)")
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         default=(_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level).lower(),
                         help="log verbosity (AIVONX_LOG_LEVEL, default info)")
@@ -85,7 +105,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 def settings_from_args(args: argparse.Namespace) -> Settings:
     nodes = args.nodes if args.nodes is not None else args.env_nodes
     return Settings(host=args.host, port=args.port, db=args.db, nodes=list(nodes),
-                    health_interval=args.health_interval, log_level=args.log_level)
+                    health_interval=args.health_interval, log_level=args.log_level,
+                    max_queue=args.max_queue, max_wait=args.max_wait,
+                    shutdown_grace=args.shutdown_grace)
 
 
 def parse_settings(argv: Sequence[str] | None = None,

@@ -42,6 +42,10 @@ class Node(BaseModel):
     # names), so that after a restart a node that is down still counts as
     # having its models: a request for them gets 503, not 404.
     models_json = peewee.TextField(default="[]")
+    # Parallel requests the node takes before requests queue (Ollama's
+    # default parallelism), and its relative capacity for unequal hardware.
+    slots = peewee.IntegerField(default=4)
+    weight = peewee.FloatField(default=1.0)
 
     class Meta:
         table_name = "node"

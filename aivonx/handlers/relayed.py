@@ -5,12 +5,17 @@ differ only in the error dialect and in the fields they check.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from .. import modelnames
 from ..relay import Exchange
 from ..router import NoHealthyNode, NoSuchModel
+from ..scheduler import QueueFull, QueueTimeout
 from .base import ApiError, BaseHandler
+
+# Seconds a client is told to wait when every node is busy or down.
+RETRY_AFTER = 2
 
 def check_types(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> None:
     """Wrong types get a 400 here rather than a confusing error from a node."""
@@ -66,34 +71,41 @@ class ModelRelayHandler(BaseHandler):
                     return value
         raise ApiError(400, "model is required")
 
-    def route(self, name: str) -> list:
+    def model_key(self, name: str) -> str:
         try:
-            key = modelnames.canonical(name)
+            return modelnames.canonical(name)
         except modelnames.InvalidModelName as exc:
             if str(exc) == "model is required":
                 raise ApiError(400, "model is required") from None
             raise ApiError(400, f"invalid model name: {exc}") from None
-        try:
-            return self.ctx.router.candidates(key)
-        except NoSuchModel:
-            raise ApiError(404, self.not_found.format(name[:200])) from None
-        except NoHealthyNode:
-            raise ApiError(503, f"no node that has model '{name[:200]}' is available; "
-                                "please try again") from None
 
     async def post(self) -> None:
+        received_at = time.monotonic()
         body = await self.json_body()
         check_types(body, {**COMMON_FIELDS, **self.fields})
-        candidates = self.route(self.model_name(body))
+        name = self.model_name(body)
+        key = self.model_key(name)
         if self.client_gone:
             return
         headers = self.request.headers
         if "Content-Type" not in headers:
             headers = headers.copy()
             headers["Content-Type"] = "application/json"
-        self.exchange = Exchange(self.ctx.relay, self, self.request.method,
-                                 self.request.uri, headers, self.request.body,
-                                 self.error_style)
-        await self.exchange.run(candidates)
+        ctx = self.ctx
+        self.exchange = Exchange(ctx.relay, self, self.request.method, self.request.uri,
+                                 headers, self.request.body, self.error_style,
+                                 model=ctx.registry.model_label(key), received_at=received_at)
+        try:
+            await self.exchange.run(key)
+        except NoSuchModel:
+            raise ApiError(404, self.not_found.format(name[:200])) from None
+        except NoHealthyNode:
+            ctx.metrics.rejected[("no_healthy_node",)] += 1
+            raise ApiError(503, f"no node that has model '{name[:200]}' is available; "
+                                "please try again", {"Retry-After": str(RETRY_AFTER)}) from None
+        except (QueueFull, QueueTimeout) as exc:
+            ctx.metrics.rejected[(type(exc).__name__.lower(),)] += 1
+            raise ApiError(503, f"server busy, please try again: {exc}",
+                           {"Retry-After": str(RETRY_AFTER)}) from None
         if not self.client_gone and not self.request.connection.stream.closed():
             self.finish()

@@ -1,0 +1,128 @@
+"""Node capacity and the wait queue in front of it.
+
+Each node takes `slots` requests at once. When every node that could serve
+a request is full, the request waits in one bounded FIFO queue; a slot that
+frees goes to the oldest waiter that can use that node. A full queue or a
+wait past the limit is answered 503 with Retry-After, rather than piling
+work onto nodes that would queue it themselves.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .registry import NodeState, Registry
+from .router import Router
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class QueueTimeout(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Waiter:
+    key: str
+    exclude: frozenset[int]
+    future: asyncio.Future
+    since: float = field(default_factory=time.monotonic)
+
+
+class Scheduler:
+    def __init__(self, registry: Registry, router: Router, *, max_queue: int,
+                 max_wait: float) -> None:
+        self.registry = registry
+        self.router = router
+        self.max_queue = max_queue
+        self.max_wait = max_wait
+        self.waiters: deque[Waiter] = deque()
+        self.queued_total = 0
+        self.rejected_total = 0
+        self.wait_seconds_total = 0.0
+        self.max_depth_seen = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiters)
+
+    def _free_node(self, key: str, exclude: frozenset[int] | set[int]) -> NodeState | None:
+        """The best node for `key` with a free slot, or None when all are
+        full. Raises the router's NoSuchModel / NoHealthyNode."""
+        if not any(n.has_free_slot and n.id not in exclude for n in self.router.eligible(key)):
+            return None
+        for node in self.router.candidates(key):
+            if node.id not in exclude and node.has_free_slot:
+                return node
+        return None
+
+    async def acquire(self, key: str, exclude: set[int] = frozenset(),
+                      abandoned: asyncio.Future | None = None) -> NodeState | None:
+        """A node with a slot reserved for this request. None when every node
+        that has the model was tried already (`exclude`), or when the client
+        left (`abandoned` done) while waiting."""
+        if all(n.id in exclude for n in self.router.eligible(key)):
+            return None
+        node = self._free_node(key, exclude)
+        if node is not None:
+            self.registry.begin(node)
+            return node
+        if len(self.waiters) >= self.max_queue:
+            self.rejected_total += 1
+            raise QueueFull(f"all nodes are busy and {self.max_queue} requests are waiting")
+        waiter = Waiter(key, frozenset(exclude), asyncio.get_running_loop().create_future())
+        self.waiters.append(waiter)
+        self.queued_total += 1
+        self.max_depth_seen = max(self.max_depth_seen, len(self.waiters))
+        served: NodeState | None = None
+        try:
+            waits = {waiter.future} if abandoned is None else {waiter.future, abandoned}
+            await asyncio.wait(waits, timeout=self.max_wait,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if waiter.future.done() and not (abandoned is not None and abandoned.done()):
+                served = waiter.future.result()
+                return served
+            if abandoned is not None and abandoned.done():
+                return None
+            self.rejected_total += 1
+            raise QueueTimeout(f"all nodes stayed busy for {self.max_wait:g} s")
+        finally:
+            self.wait_seconds_total += time.monotonic() - waiter.since
+            if served is None:
+                self._abandon(waiter)
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """The waiter leaves unserved; a slot reserved for it in the meantime
+        goes to the next one."""
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+        if waiter.future.done():
+            self.release(waiter.future.result(), ok=True, counted=False)
+        else:
+            waiter.future.cancel()
+
+    def release(self, node: NodeState, ok: bool, counted: bool = True) -> None:
+        """A request left the node: free its slot for the oldest waiter."""
+        if counted:
+            self.registry.end(node, ok)
+        else:
+            node.active_requests -= 1
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand free slots to waiters, oldest first. Called whenever capacity
+        may have appeared: a request ended, a node came back or changed."""
+        for waiter in list(self.waiters):
+            try:
+                node = self._free_node(waiter.key, waiter.exclude)
+            except (LookupError, RuntimeError):
+                continue  # its model is gone or down for now: it keeps waiting
+            if node is None:
+                continue
+            self.registry.begin(node)
+            self.waiters.remove(waiter)
+            waiter.future.set_result(node)
