@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import tornado.web
@@ -10,7 +11,7 @@ from tornado.httpserver import HTTPServer
 
 from . import catalog, store
 from .fanout import fetch_model_lists
-from .handlers import base, manage, metrics, ollama, openai
+from .handlers import base, manage, metrics, ollama, openai, pages
 from .metrics import Metrics
 from .monitor import Monitor
 from .registry import NodeState, Registry
@@ -20,6 +21,8 @@ from .scheduler import Scheduler
 from .settings import Settings
 
 log = logging.getLogger("aivonx")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # templates/, static/
 
 
 class Context:
@@ -102,12 +105,15 @@ def make_app(ctx: Context) -> tornado.web.Application:
         *openai.routes(ctx),
         *manage.routes(ctx),
         *metrics.routes(ctx),
+        *pages.routes(ctx),
     ]
     return tornado.web.Application(
         routes,
         default_handler_class=base.NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,  # streams must reach clients chunk by chunk
+        template_path=os.path.join(ROOT, "templates"),
+        static_path=os.path.join(ROOT, "static"),
     )
 
 

@@ -12,6 +12,12 @@ class RootHandler(BaseHandler):
     """Health checks and clients probe `/` for Ollama's greeting."""
 
     def get(self) -> None:
+        # A browser (it asks for HTML) gets the status page; every Ollama
+        # client and health check still gets the greeting.
+        self.set_header("Vary", "Accept")
+        if "text/html" in self.request.headers.get("Accept", ""):
+            self.redirect("/ui")
+            return
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish("Ollama is running")
 

@@ -1,0 +1,160 @@
+"""The status page over plain HTTP: what it shows, what it escapes, its
+headers, and the browser redirect from `/`. The browser-driven test is in
+test_status_page_e2e.py."""
+from __future__ import annotations
+
+import json
+import re
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+
+from aivonx.handlers.pages import ago, latency_text, spark_points
+from aivonx.store import Node
+from tests.test_relay import wait_for
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+async def get(url: str, **kwargs) -> HTTPResponse:
+    client = AsyncHTTPClient(force_instance=True)
+    try:
+        return await client.fetch(HTTPRequest(url, follow_redirects=False, **kwargs),
+                                  raise_error=False)
+    finally:
+        client.close()
+
+
+def rows(html: str) -> dict[str, str]:
+    """The table rows of the page (not the blank template), by node id."""
+    body = html.split('<template id="row-template">')[0]
+    return dict(re.findall(r'<tr class="node" data-id="(\d+)"[^>]*>(.*?)</tr>', body, re.S))
+
+
+async def test_page_shows_every_node_and_the_cluster(io_loop, make_node, make_proxy):
+    a = await make_node(["llama3:latest", "qwen3:8b"])
+    b = await make_node(["mistral:7b"])
+    a.loaded = ["qwen3:8b"]
+    proxy = await make_proxy([a, b])
+    proxy.ctx.router.strategy = "round_robin"
+    await b.stop()
+    await proxy.probe()
+    proxy.registry.requests_served, proxy.registry.errors = 12, 3
+    proxy.node(a).active_requests = 2
+
+    response = await get(proxy.url + "/ui")
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("text/html")
+    html = response.body.decode()
+    by_id = rows(html)
+    row_a, row_b = by_id[str(proxy.node(a).id)], by_id[str(proxy.node(b).id)]
+    assert proxy.node(a).name in row_a and a.url in row_a
+    assert '<span class="badge s-active" data-f="status">active</span>' in row_a
+    assert '<span class="badge s-standby" data-f="status">standby</span>' in row_b
+    assert "refused" in row_b.lower()  # why it is down
+    assert re.search(r'data-f="since" data-since="[\d.]+">\d+s</time>', row_b)
+    assert re.search(r'data-f="latency">(\d+ ms|&lt;1 ms)</span>', row_a)
+    assert 'data-f="active_requests">2<' in row_a
+    # Models available, the loaded one marked, and the loaded column.
+    assert '<li class="chip" title="llama3:latest">llama3:latest</li>' in row_a
+    assert '<li class="chip hot" title="qwen3:8b">qwen3:8b</li>' in row_a
+    models, loaded = re.findall(r'data-f="(?:models|loaded)">(.*?)</ul>', row_a, re.S)
+    assert "qwen3:8b" in loaded and "llama3" not in loaded
+    assert "mistral:7b" in row_b  # still listed while down: requests get 503, not 404
+    # The cluster.
+    assert 'data-f="strategy">round_robin<' in html
+    assert 'data-f="total_active_requests">2<' in html
+    assert 'data-f="requests_served">12<' in html
+    assert 'data-f="errors">3<' in html
+    assert "1 of 2 nodes down" in html
+
+
+async def test_security_headers_and_no_inline_code(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()])
+    response = await get(proxy.url + "/ui")
+    headers = response.headers
+    assert headers["Content-Security-Policy"] == (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'")
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "same-origin"
+    assert headers["Cache-Control"] == "no-store"
+    html = response.body.decode()
+    # The CSP forbids inline code: every script is a file, no style attributes.
+    assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == []
+    assert " style=" not in html and "<style" not in html
+    assert re.search(r" on[a-z]+=", html) is None
+    for asset, kind in (("ui.js", "javascript"), ("ui.css", "text/css"),
+                        ("favicon.svg", "image/svg+xml")):
+        url = re.search(r'="(/static/%s\?v=\w+)"' % re.escape(asset), html).group(1)
+        static = await get(proxy.url + url)
+        assert static.code == 200 and kind in static.headers["Content-Type"]
+
+
+async def test_names_models_and_errors_are_escaped(io_loop, make_node, make_proxy):
+    evil = '<img src=x onerror="alert(1)">&'
+    a = await make_node()
+    proxy = await make_proxy([a], health_interval=3600)  # no probe undoes mark_down
+    Node.update(name=evil).execute()
+    proxy.ctx.sync_node(Node.get())
+    proxy.registry.mark_down(proxy.node(a), "<script>alert('reason')</script>")
+    proxy.node(a).models["x"] = "<b>model</b>"
+    html = (await get(proxy.url + "/ui")).body.decode()
+    assert "<img" not in html and "<script>alert" not in html and "<b>model" not in html
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;" in html
+    assert "&lt;script&gt;alert(&#x27;reason&#x27;)&lt;/script&gt;" in html
+    assert "&lt;b&gt;model&lt;/b&gt;" in html
+
+
+async def test_page_without_nodes_says_how_to_add_one(io_loop, make_proxy):
+    proxy = await make_proxy([])
+    html = (await get(proxy.url + "/ui")).body.decode()
+    assert "No nodes configured" in html
+    assert re.search(r'<p class="empty" id="no-nodes">', html)
+
+
+async def test_browsers_asking_for_slash_go_to_the_page(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()])
+    browser = await get(proxy.url + "/", headers={"Accept": BROWSER_ACCEPT})
+    assert browser.code == 302 and browser.headers["Location"] == "/ui"
+    assert browser.headers["Vary"] == "Accept"
+    for accept in (None, "*/*", "application/json", "text/plain"):
+        headers = {"Accept": accept} if accept else {}
+        client = await get(proxy.url + "/", headers=headers)
+        assert client.code == 200 and client.body == b"Ollama is running", accept
+        assert client.headers["Vary"] == "Accept"
+    head = await get(proxy.url + "/", method="HEAD", headers={"Accept": BROWSER_ACCEPT})
+    assert head.code == 200
+
+
+async def test_state_json_is_what_the_page_polls(io_loop, make_node, make_proxy):
+    a = await make_node()
+    proxy = await make_proxy([a])
+    html = (await get(proxy.url + "/ui")).body.decode()
+    state_url = re.search(r'data-state-url="([^"]+)"', html).group(1)
+    response = await get(proxy.url + state_url)
+    assert response.code == 200
+    state = json.loads(response.body)
+    assert [n["url"] for n in state["nodes"]] == [a.url]
+    assert state["nodes"][0]["status"] == "active"
+    await a.stop()
+    await wait_for(lambda: proxy.node(a).status == "standby", timeout=3)
+    state = json.loads((await get(proxy.url + state_url)).body)
+    assert state["nodes"][0]["status"] == "standby"
+
+
+def test_formats_match_the_script():
+    assert ago(100.0, now=142.9) == "42s"
+    assert ago(0, now=187) == "3m 07s"
+    assert ago(0, now=5 * 3600 + 120) == "5h 02m"
+    assert ago(0, now=2 * 86400 + 4 * 3600) == "2d 4h"
+    assert ago(10, now=5) == "0s"  # clocks never make it negative
+    assert ago(None) == "—"
+    assert latency_text(None) == "—"
+    assert latency_text(0.0004) == "<1 ms"
+    assert latency_text(0.0123) == "12 ms"
+    assert latency_text(1.5) == "1.50 s"
+    assert spark_points([0.01]) == ""
+    points = spark_points([0.01, None, 0.02]).split()
+    assert len(points) == 2 and points[-1].startswith("120.0,")
+    # The highest sample is near the top, within the 28-px box.
+    assert 2 <= float(points[-1].split(",")[1]) < 6
