@@ -11,7 +11,8 @@ from tornado.httpserver import HTTPServer
 
 from . import catalog, store
 from .fanout import fetch_model_lists
-from .handlers import base, manage, metrics, ollama, openai, pages
+from .auth import Auth
+from .handlers import account, base, manage, metrics, ollama, openai, pages
 from .metrics import Metrics
 from .monitor import Monitor
 from .registry import NodeState, Registry
@@ -44,12 +45,17 @@ class Context:
                                on_models_changed=self._models_changed,
                                on_status_changed=lambda node: self.scheduler.dispatch())
         self.relay.on_missing_model = self._missing_model
+        self.auth = Auth(settings.root_password)
         self.db = None
 
     # -- store <-> registry ---------------------------------------------------
     def open_store(self) -> None:
         self.db = store.open_database(self.settings.db)
         store.ensure_nodes(self.settings.nodes)
+        generated = self.auth.ensure_root()
+        if generated:
+            log.warning("created user root with the generated password %s (shown only "
+                        "once; change it with `python run.py passwd root`)", generated)
         strategy = store.get_config("strategy", DEFAULT_STRATEGY)
         self.router.strategy = strategy if strategy in STRATEGIES else DEFAULT_STRATEGY
         for node in store.Node.select():
@@ -104,6 +110,7 @@ def make_app(ctx: Context) -> tornado.web.Application:
         *ollama.routes(ctx),
         *openai.routes(ctx),
         *manage.routes(ctx),
+        *account.routes(ctx),
         *metrics.routes(ctx),
         *pages.routes(ctx),
     ]

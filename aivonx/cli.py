@@ -1,4 +1,5 @@
-"""The `aivonx` command (also `python run.py`): serve the proxy."""
+"""The `aivonx` command (also `python run.py`): serve the proxy, or
+`passwd USER` to set a password."""
 from __future__ import annotations
 
 import asyncio
@@ -45,6 +46,10 @@ async def shutdown(ctx, server, grace: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["passwd"]:
+        from .passwd import main as passwd
+        return passwd(argv[1:])
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -31,6 +31,9 @@ class Settings:
     # itself sets no limit.
     max_body_size: int = 1024 * 1024 * 1024
     max_header_size: int = 64 * 1024
+    # The password user root gets at first start (environment only: a flag
+    # would show in `ps`); None generates one and logs it once.
+    root_password: str | None = None
     # When every node is full, requests wait in one FIFO queue this long at
     # most (Ollama's own queue holds 512 by default).
     max_queue: int = 512
@@ -98,7 +101,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         default=(_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level).lower(),
                         help="log verbosity (AIVONX_LOG_LEVEL, default info)")
-    parser.set_defaults(env_nodes=env_nodes)
+    root_password = _env(env, "AIVONX_ROOT_PASSWORD") or _env(env, "ROOT_PASSWORD")
+    parser.set_defaults(env_nodes=env_nodes, root_password=root_password)
     return parser
 
 
@@ -107,7 +111,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(host=args.host, port=args.port, db=args.db, nodes=list(nodes),
                     health_interval=args.health_interval, log_level=args.log_level,
                     max_queue=args.max_queue, max_wait=args.max_wait,
-                    shutdown_grace=args.shutdown_grace)
+                    shutdown_grace=args.shutdown_grace,
+                    root_password=args.root_password)
 
 
 def parse_settings(argv: Sequence[str] | None = None,

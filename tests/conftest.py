@@ -12,6 +12,8 @@ from aivonx.app import Context, bound_port, make_app
 from aivonx.settings import Settings
 from tests.fakes.fake_ollama import FakeOllama
 
+ROOT_PASSWORD = "test-root-password"  # user root's password in every test proxy
+
 
 class Proxy:
     """A running Aivonx: its URL and its shared objects."""
@@ -67,7 +69,8 @@ def make_proxy(io_loop, tmp_path) -> Callable[..., Awaitable[Proxy]]:
 
     async def make(nodes: list[FakeOllama] = (), db: str | None = None, start: bool = True,
                    **overrides: Any) -> Proxy:
-        options = {"health_interval": 0.5, "probe_timeout": 1.0, **overrides}
+        options = {"health_interval": 0.5, "probe_timeout": 1.0,
+                   "root_password": ROOT_PASSWORD, **overrides}
         settings = Settings(port=0, db=db or str(tmp_path / f"aivonx{len(proxies)}.db"),
                             nodes=[n.url for n in nodes], **options)
         ctx = Context(settings)

@@ -40,6 +40,16 @@ class BaseHandler(tornado.web.RequestHandler):
     def compute_etag(self) -> None:
         return None
 
+    def bearer_token(self) -> str | None:
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+    def get_current_user(self) -> Any:
+        """The user of a valid `Authorization: Bearer` access token, else None.
+        Only handlers that ask for it look: inference endpoints ignore tokens."""
+        auth = getattr(self.ctx, "auth", None)
+        return auth.user_for(self.bearer_token()) if auth is not None else None
+
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=utf-8")

@@ -1,0 +1,194 @@
+"""Admin changes to nodes and routing, shared by the REST API and the pages.
+
+Each function validates what the client sent, writes the store and brings
+the registry in line in the same call, so routing sees a change at once;
+a node that is new, moved or re-enabled is probed right away rather than at
+the next health cycle. No HTTP here: handlers turn ValidationError and
+LookupError into answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from typing import Any
+
+import peewee
+
+from . import store
+from .nodeaddr import DEFAULT_PORT, InvalidAddress, split_address
+from .registry import NodeState
+from .router import STRATEGIES
+
+log = logging.getLogger("aivonx.nodes")
+
+MAX_NAME = 100
+_background: set[asyncio.Future] = set()
+
+
+class ValidationError(Exception):
+    """What was wrong, field by field; status 400, or 409 for a duplicate."""
+
+    def __init__(self, errors: dict[str, str], status: int = 400) -> None:
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+        self.status = status
+
+
+def node_dict(node: store.Node) -> dict[str, Any]:
+    created = node.created_at
+    if isinstance(created, datetime.datetime):
+        created = created.replace(tzinfo=datetime.timezone.utc).isoformat()
+    return {"id": node.id, "name": node.name, "address": node.address, "port": node.port,
+            "active": node.active, "created_at": created}
+
+
+def _port(value: Any) -> int:
+    """An integer 1-65535; numeric strings are accepted as the old API did."""
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 5:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError("port must be an integer between 1 and 65535")
+    return value
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("name must be a string")
+    value = value.strip()
+    if not value:
+        raise ValueError("name may not be blank")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"name must have at most {MAX_NAME} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("name may not contain control characters")
+    return value
+
+
+def _clean(data: Any, current: store.Node | None, partial: bool) -> dict[str, Any]:
+    """Validated field values for a create (current None) or an update."""
+    if not isinstance(data, dict):
+        raise ValidationError({"non_field_errors": "expected a JSON object"})
+    errors: dict[str, str] = {}
+    out: dict[str, Any] = {}
+    for field in ("name", "address", "port", "active"):
+        if field in data and data[field] is None:
+            errors[field] = "may not be null"
+    if "address" not in data and not partial:
+        errors["address"] = "this field is required"
+    address_port = None
+    if "address" in data and "address" not in errors:
+        try:
+            if not isinstance(data["address"], str):
+                raise InvalidAddress("address must be a string")
+            out["address"], address_port = split_address(data["address"])
+        except InvalidAddress as exc:
+            errors["address"] = str(exc)
+    if data.get("port") is not None:
+        try:
+            out["port"] = _port(data["port"])
+        except ValueError as exc:
+            errors["port"] = str(exc)
+    if address_port is not None:
+        if "port" in out and out["port"] != address_port:
+            errors["port"] = f"conflicts with the port in address ({address_port})"
+        out["port"] = address_port
+    if data.get("name") is not None:
+        try:
+            out["name"] = _name(data["name"])
+        except ValueError as exc:
+            errors["name"] = str(exc)
+    if data.get("active") is not None:
+        if isinstance(data["active"], bool):
+            out["active"] = data["active"]
+        else:
+            errors["active"] = "must be true or false"
+    if errors:
+        raise ValidationError(errors)
+    address = out.get("address", current.address if current else None)
+    port = out.setdefault("port", current.port if current else DEFAULT_PORT)
+    if current is None and "name" not in out:
+        out["name"] = f"{address.split('://')[-1]}:{port}"
+    duplicate = store.Node.select().where((store.Node.address == address)
+                                          & (store.Node.port == port))
+    if current is not None:
+        duplicate = duplicate.where(store.Node.id != current.id)
+    if duplicate.exists():
+        raise ValidationError({"address": f"a node with address {address} and port {port} "
+                                          "already exists"}, status=409)
+    return out
+
+
+def _probe_soon(ctx: Any, state: NodeState) -> None:
+    task = asyncio.ensure_future(ctx.monitor.probe(state))
+    _background.add(task)
+    task.add_done_callback(_done)
+
+
+def _done(task: asyncio.Future) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("probe after a node change failed: %s", task.exception())
+
+
+def _saved(fn: Any) -> Any:
+    """Run a write; a race on the unique (address, port) index is a 409."""
+    try:
+        return fn()
+    except peewee.IntegrityError:
+        raise ValidationError({"address": "a node with this address and port already exists"},
+                              status=409) from None
+
+
+def create_node(ctx: Any, data: dict[str, Any]) -> store.Node:
+    values = _clean(data, None, partial=False)
+    node = _saved(lambda: store.Node.create(**values))
+    _probe_soon(ctx, ctx.sync_node(node))
+    log.info("added node %s (%s:%s)", node.name, node.address, node.port)
+    return node
+
+
+def update_node(ctx: Any, node_id: int, data: dict[str, Any], partial: bool) -> store.Node:
+    """Change a node (PUT: address required; PATCH: any subset). Moving it
+    voids what was known about the old machine; re-enabling it or moving it
+    probes it at once; disabling it drains it (requests in flight finish)."""
+    node = store.Node.get_or_none(store.Node.id == node_id)
+    if node is None:
+        raise LookupError(node_id)
+    values = _clean(data, node, partial)
+    moved = (values.get("address", node.address), values["port"]) != (node.address, node.port)
+    enabled = values.get("active", node.active) and not node.active
+    for field, value in values.items():
+        setattr(node, field, value)
+    if moved:
+        node.models_json = "[]"
+    _saved(node.save)
+    state = ctx.sync_node(node)
+    if moved:
+        ctx.registry.set_models(state, [], [])
+    if moved or enabled:
+        _probe_soon(ctx, state)
+    log.info("updated node %s: %s", node.id, ", ".join(sorted(values)))
+    return node
+
+
+def delete_node(ctx: Any, node_id: int) -> None:
+    """Forget a node; requests it is serving finish, no new ones go there."""
+    node = store.Node.get_or_none(store.Node.id == node_id)
+    if node is None:
+        raise LookupError(node_id)
+    node.delete_instance()
+    ctx.registry.remove(node_id)
+    log.info("deleted node %s (%s:%s)", node.id, node.address, node.port)
+
+
+def set_strategy(ctx: Any, name: Any) -> None:
+    """Switch the routing strategy for the next request, and keep it."""
+    valid = ", ".join(STRATEGIES)
+    if not isinstance(name, str):
+        raise ValidationError({"strategy": f"must be a string, one of: {valid}"})
+    if name not in STRATEGIES:
+        raise ValidationError({"strategy": f"unknown strategy {name[:100]!r}; valid: {valid}"})
+    ctx.router.strategy = name
+    store.set_config("strategy", name)
+    log.info("routing strategy is now %s", name)
