@@ -29,6 +29,12 @@ PROTECTED = [
     ("PUT", "/api/proxy/nodes/1", {"address": "10.0.0.1"}),
     ("PATCH", "/api/proxy/nodes/1", {"active": False}),
     ("DELETE", "/api/proxy/nodes/1", None),
+    ("POST", "/api/proxy/pull", {"model": "llama3"}),
+    ("POST", "/api/pull", {"model": "llama3"}),
+    ("DELETE", "/api/delete", {"model": "llama3"}),
+    ("POST", "/api/copy", {"source": "llama3", "destination": "x"}),
+    ("POST", "/api/create", {"model": "x", "from": "llama3"}),
+    ("POST", "/api/push", {"model": "llama3"}),
 ]
 
 

@@ -12,12 +12,15 @@ shapes, `stream` defaults, nanosecond durations, `model` echoed verbatim.
 
 Run it alone for benchmarks:
     python -m tests.fakes.fake_ollama --port 11500 --models llama3:latest --chunks 20
+With `--records N` it keeps its last N requests and serves them at GET /_fake/requests,
+so a benchmark in another process can see when the node's client went away.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import collections
 import hashlib
 import itertools
 import json
@@ -28,7 +31,7 @@ import struct
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, MutableSequence
 
 from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
@@ -97,7 +100,7 @@ class FakeOllama:
     fail_message: str
     die_after: int | None
     error_after: int | None
-    requests: list[Recorded]
+    requests: MutableSequence[Recorded]  # a bounded deque under --records
     keep_records: bool  # False stops recording (a long benchmark must not grow memory)
 
     def __init__(self, models: Iterable[str] = ("llama3:latest",), *, version: str = "0.12.3",
@@ -802,6 +805,23 @@ class OpenAIModel(OpenAIHandler):
         self._json(_openai_model(model, name))
 
 
+class Records(Handler):
+    """GET /_fake/requests: the recorded requests as JSON, for a process that cannot read
+    `FakeOllama.requests` (a benchmark). Times are wall-clock (time.time()) so that they
+    compare with the other process's own clock."""
+
+    def get(self) -> None:
+        shift = time.time() - time.monotonic()
+
+        def wall(moment: float | None) -> float | None:
+            return None if moment is None else moment + shift
+
+        self._json([{"method": r.method, "path": r.path, "json": r.json,
+                     "started_at": wall(r.started_at), "finished_at": wall(r.finished_at),
+                     "client_closed_at": wall(r.client_closed_at), "chunks_sent": r.chunks_sent}
+                    for r in self.node.requests])
+
+
 ROUTES: list[tuple[str, type[Handler]]] = [
     (r"/", Root), (r"/api/version", Version), (r"/api/tags", Tags), (r"/api/ps", Ps),
     (r"/api/show", Show), (r"/api/generate", Generate), (r"/api/chat", Chat),
@@ -810,6 +830,7 @@ ROUTES: list[tuple[str, type[Handler]]] = [
     (r"/api/delete", Delete), (r"/v1/chat/completions", OpenAIChat),
     (r"/v1/completions", OpenAICompletions), (r"/v1/embeddings", OpenAIEmbeddings),
     (r"/v1/models", OpenAIModels), (r"/v1/models/([^/]+)", OpenAIModel),
+    (r"/_fake/requests", Records),
 ]
 
 
@@ -820,7 +841,9 @@ async def _serve(args: argparse.Namespace) -> None:
     node = FakeOllama([m for m in args.models.split(",") if m], version=args.version,
                       embed_dim=args.embed_dim, chunks=args.chunks,
                       chunk_delay=args.chunk_delay, first_byte_delay=args.first_byte_delay)
-    node.keep_records = False
+    # Only the last --records requests are kept: a long benchmark must not grow memory.
+    node.keep_records = args.records > 0
+    node.requests = collections.deque(maxlen=args.records)
     await node.start(args.port)
     print(f"listening on {node.url}", flush=True)
     done = asyncio.Event()
@@ -840,6 +863,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-byte-delay", type=float, default=0.0)
     parser.add_argument("--embed-dim", type=int, default=8)
     parser.add_argument("--version", default="0.12.3", help="what /api/version reports")
+    parser.add_argument("--records", type=int, default=0, metavar="N",
+                        help="keep the last N requests for GET /_fake/requests (default none)")
     asyncio.run(_serve(parser.parse_args(argv)))
 
 
