@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 from . import catalog, modelnames
+from .pulls import NodeResult
 from .registry import NodeState
 
 # A node sending ever new statuses must not grow memory without bound.
@@ -88,6 +89,19 @@ def failure_message(verb: str, nodes: list[NodeState],
     if not failed:
         return None
     return f"{verb} failed on {len(failed)} of {len(nodes)} node(s): " + "; ".join(failed)
+
+
+def common_refusal(results: dict[int, NodeResult]) -> tuple[int, str] | None:
+    """When every node refused the request with the same client error (4xx),
+    that status and the first node's message: the request itself is wrong,
+    which is the client's to hear, not a failure of the cluster."""
+    codes = {r.code for r in results.values()}
+    if not results or any(r.ok for r in results.values()) or len(codes) != 1:
+        return None
+    code = codes.pop()
+    if code is None or not 400 <= code < 500:
+        return None
+    return code, next(iter(results.values())).error or f"node answered {code}"
 
 
 async def reprobe(ctx: Any, nodes: list[NodeState]) -> None:

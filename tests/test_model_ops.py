@@ -9,7 +9,8 @@ import time
 import ollama
 import pytest
 
-from aivonx.modelops import ProgressMerger
+from aivonx.modelops import ProgressMerger, common_refusal
+from aivonx.pulls import NodeResult
 from aivonx.registry import NodeState
 from tests.api_client import call, login
 from tests.test_relay import wait_for
@@ -242,3 +243,13 @@ def test_progress_merger_sums_layers_and_sends_each_status_once():
     assert merger.feed(n1, {"status": "success"}) is None
     assert merger.feed(n1, {"error": "boom"}) is None
     assert merger.feed(n1, {"status": 5}) is None
+
+
+def test_a_request_every_node_refuses_alike_is_the_clients_error():
+    bad = NodeResult(400, "invalid model name")
+    assert common_refusal({1: bad, 2: NodeResult(400, "x")}) == (400, "invalid model name")
+    assert common_refusal({1: bad, 2: NodeResult(404, "x")}) is None
+    assert common_refusal({1: bad, 2: NodeResult(200)}) is None
+    assert common_refusal({1: NodeResult(500, "boom")}) is None
+    assert common_refusal({1: NodeResult(None, "refused")}) is None
+    assert common_refusal({}) is None

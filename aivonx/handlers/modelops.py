@@ -58,6 +58,7 @@ class ModelOpHandler(ManageHandler):
     def initialize(self, ctx: Any) -> None:
         super().initialize(ctx)
         self.cancel = pulls.Cancel()
+        self.streaming = False
 
     def on_connection_close(self) -> None:
         self.cancel.cancel()
@@ -68,13 +69,15 @@ class ModelOpHandler(ManageHandler):
             raise ApiError(503, "no node is available")
         return nodes
 
-    def begin_stream(self) -> None:
-        self.set_status(200)
-        self.set_header("Content-Type", "application/x-ndjson")
-
     async def send_line(self, obj: dict[str, Any]) -> None:
+        """One NDJSON line, flushed; the first one commits the answer to a
+        200 stream (until then an error can still get its own status)."""
         if self.cancel.cancelled:
             return
+        if not self.streaming:
+            self.streaming = True
+            self.set_status(200)
+            self.set_header("Content-Type", "application/x-ndjson")
         self.write(json.dumps(obj, separators=(",", ":")) + "\n")
         try:
             await self.flush()
@@ -96,8 +99,6 @@ class ModelOpHandler(ManageHandler):
             if out is not None:
                 await self.send_line(out)
 
-        if stream:
-            self.begin_stream()
         results = await pulls.call_nodes(self.ctx, targets, "POST", path,
                                          {**body, "stream": True},
                                          on_line if stream else None, self.cancel,
@@ -106,6 +107,9 @@ class ModelOpHandler(ManageHandler):
             return
         if reprobe:
             await modelops.reprobe(self.ctx, targets)
+        refused = modelops.common_refusal(results)
+        if refused and not self.streaming:
+            raise ApiError(*refused)
         error = modelops.failure_message(verb, targets, {i: r.error for i, r in results.items()})
         if not stream:
             if error:
@@ -161,11 +165,7 @@ class ProxyPullHandler(ModelOpHandler):
                                   **{k: v for k, v in line.items() if k not in ("node_id", "node")}})
 
         on_progress: Callable[[NodeState, dict], Awaitable[None] | None]
-        if stream:
-            self.begin_stream()
-            on_progress = tagged
-        else:
-            on_progress = lambda node, line: None  # noqa: E731
+        on_progress = tagged if stream else (lambda node, line: None)
         results = await pulls.pull(self.ctx, model, targets, on_progress, insecure=insecure,
                                    cancel=self.cancel)
         if self.cancel.cancelled:
@@ -298,6 +298,9 @@ class CopyHandler(ModelOpHandler):
         if self.cancel.cancelled:
             return
         await modelops.reprobe(self.ctx, targets)
+        refused = modelops.common_refusal(results)
+        if refused:
+            raise ApiError(*refused)
         error = modelops.failure_message("copy", targets,
                                          {i: r.error for i, r in results.items()})
         if error:
@@ -324,17 +327,18 @@ class DeleteHandler(ModelOpHandler):
           503: Unavailable
         """
         body = await self.json_body()
-        model = _model(body)
+        _model(body)
         targets = self.routable()
         results = await pulls.call_nodes(self.ctx, targets, "DELETE", "/api/delete", body, None,
                                          self.cancel, expect_success=False)
         if self.cancel.cancelled:
             return
         await modelops.reprobe(self.ctx, targets)
+        refused = modelops.common_refusal(results)
         if any(r.ok for r in results.values()):
             self.end()
-        elif all(r.code == 404 for r in results.values()):
-            raise ApiError(404, f"model '{model[:200]}' not found")
+        elif refused:  # e.g. 404 when no node had the model
+            raise ApiError(*refused)
         else:
             raise ApiError(500, modelops.failure_message(
                 "delete", targets, {i: r.error for i, r in results.items()}))
