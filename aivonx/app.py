@@ -122,6 +122,9 @@ def make_app(ctx: Context) -> tornado.web.Application:
         compress_response=False,  # streams must reach clients chunk by chunk
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
+        # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The
+        # status page's forms check the token themselves (handlers/pages.py).
+        xsrf_cookie_kwargs=pages.XSRF_COOKIE_KWARGS,
     )
 
 

@@ -56,6 +56,7 @@ SMALL_CONNECTIONS = 32
 PACED_STREAMS = 64
 FAST_STREAMS = 32
 HELD_OPENING = 64  # streams being opened at once (a burst of thousands overflows backlogs)
+HELD_WARMUP = 16  # streams a fresh proxy serves before its idle memory is read
 REQUEST_TIMEOUT = 30.0  # any single exchange; far above anything a healthy run sees
 MAX_REQUESTS_PER_WORKER = 1_000_000  # a count bound on top of each loop's time bound
 CLOSE_WAIT = 3.0  # how long a node may take to see a departed client before we give up
@@ -209,22 +210,40 @@ def _descendants(pid: int) -> list[int]:
 # ---------------------------------------------------------------- the cluster of one phase
 
 
+Launcher = Callable[[], subprocess.Popen]
+
+
 @dataclass
 class Cluster:
     """What one phase runs: the fake nodes and the proxies in front of them."""
 
+    children: Children
     node_ports: list[int]
+    node_procs: list[subprocess.Popen]
     proxy_ports: dict[str, int] = field(default_factory=dict)
-    proxy_pids: dict[str, int] = field(default_factory=dict)
-    procs: list[subprocess.Popen] = field(default_factory=list)
+    proxies: dict[str, subprocess.Popen] = field(default_factory=dict)
+    launchers: dict[str, Launcher] = field(default_factory=dict)
 
     @property
     def targets(self) -> list[str]:
         return ["direct", *self.proxy_ports]
 
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        return [*self.proxies.values(), *self.node_procs]
+
     def ports(self, target: str) -> list[int]:
         """Where a target's requests go: direct access spreads them over the nodes itself."""
         return self.node_ports if target == "direct" else [self.proxy_ports[target]]
+
+    def add(self, target: str, port: int, launch: Launcher) -> None:
+        self.proxy_ports[target], self.launchers[target] = port, launch
+        self.proxies[target] = launch()
+
+    def restart(self, target: str) -> None:
+        """A fresh process for a proxy, on the same port. Blocks: call it while no load runs."""
+        self.children.stop([self.proxies[target]])
+        self.proxies[target] = self.launchers[target]()
 
 
 def start_nodes(children: Children, workdir: Path, node_args: list[str], count: int = 2
@@ -246,10 +265,10 @@ def start_nodes(children: Children, workdir: Path, node_args: list[str], count: 
     return ports, [proc for proc, _ in started]
 
 
-def start_aivonx(children: Children, workdir: Path, node_ports: list[int]
-                 ) -> tuple[int, subprocess.Popen]:
+def prepare_aivonx(children: Children, workdir: Path, node_ports: list[int]
+                   ) -> tuple[int, Launcher]:
     """Aivonx with its own database and NODE_SLOTS slots a node. A first start creates the
-    database and its nodes; the slots are set in it; the second start serves them."""
+    database and its nodes; the slots are set in it; later starts serve them."""
     port = free_port()
     db = workdir / "aivonx.db"
     nodes = [arg for p in node_ports for arg in ("--node", f"http://{HOST}:{p}")]
@@ -258,7 +277,7 @@ def start_aivonx(children: Children, workdir: Path, node_ports: list[int]
         updated = conn.execute("UPDATE node SET slots = ?", (NODE_SLOTS,)).rowcount
     if updated != len(node_ports):
         raise RuntimeError(f"aivonx's database holds {updated} nodes, not {len(node_ports)}")
-    return port, _launch_aivonx(children, workdir, port, db, [])
+    return port, functools.partial(_launch_aivonx, children, workdir, port, db, [])
 
 
 def _launch_aivonx(children: Children, workdir: Path, port: int, db: Path,
@@ -271,8 +290,8 @@ def _launch_aivonx(children: Children, workdir: Path, port: int, db: Path,
     return proc
 
 
-def start_nginx(children: Children, binary: str, workdir: Path, node_ports: list[int]
-                ) -> tuple[int, subprocess.Popen]:
+def prepare_nginx(children: Children, binary: str, workdir: Path, node_ports: list[int]
+                  ) -> tuple[int, Launcher]:
     """nginx from benchmarks/nginx.conf.template, rendered into its own directory."""
     prefix = workdir / "nginx"
     prefix.mkdir()
@@ -283,24 +302,29 @@ def start_nginx(children: Children, binary: str, workdir: Path, node_ports: list
         prefix=prefix, port=port, servers=servers,
         nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     (prefix / "nginx.conf").write_text(config)
-    proc, log_path = children.start("nginx", [
-        binary, "-c", str(prefix / "nginx.conf"), "-p", str(prefix), "-g", "daemon off;"],
-        workdir)
-    _wait_until(proc, log_path, "nginx", lambda: _answers(port, "/"))
-    return port, proc
+    argv = [binary, "-c", str(prefix / "nginx.conf"), "-p", str(prefix), "-g", "daemon off;"]
+
+    def launch() -> subprocess.Popen:
+        proc, log_path = children.start("nginx", argv, workdir)
+        _wait_until(proc, log_path, "nginx", lambda: _answers(port, "/"))
+        return proc
+
+    return port, launch
 
 
 def start_cluster(children: Children, workdir: Path, node_args: list[str],
                   targets: list[str], nginx: str | None) -> Cluster:
-    node_ports, procs = start_nodes(children, workdir, node_args)
-    cluster = Cluster(node_ports, procs=procs)
-    starters = {"aivonx": lambda: start_aivonx(children, workdir, node_ports),
-                "nginx": lambda: start_nginx(children, nginx or "", workdir, node_ports)}
-    for target in targets:
-        if target in starters:
-            port, proc = starters[target]()
-            cluster.proxy_ports[target], cluster.proxy_pids[target] = port, proc.pid
-            cluster.procs.append(proc)
+    node_ports, node_procs = start_nodes(children, workdir, node_args)
+    cluster = Cluster(children, node_ports, node_procs)
+    preparers = {"aivonx": lambda: prepare_aivonx(children, workdir, node_ports),
+                 "nginx": lambda: prepare_nginx(children, nginx or "", workdir, node_ports)}
+    try:
+        for target in targets:
+            if target in preparers:
+                cluster.add(target, *preparers[target]())
+    except BaseException:
+        children.stop(cluster.procs)
+        raise
     return cluster
 
 
@@ -705,11 +729,11 @@ async def open_stream(port: int, raw: bytes) -> tuple[Connection | None, Reply |
     return conn, reply
 
 
-async def measure_held(cluster: Cluster, target: str, opts: Options, streams: int) -> Metrics:
-    """Hold `streams` generations open at once and weigh the proxy meanwhile."""
-    ports = cluster.ports(target)
-    pid = cluster.proxy_pids.get(target)
-    idle = rss_mb(pid) if pid else None
+async def hold_and_release(ports: list[int], streams: int, settle: float,
+                           pid: int | None = None) -> tuple[float | None, int]:
+    """Open `streams` streams at once, each to its first line; after `settle` seconds note
+    the RSS of `pid` and the streams still healthy; close them all and let every hop wind
+    them down."""
     gate = asyncio.Semaphore(HELD_OPENING)
     requests = {port: build_request(port, "/api/generate", GENERATE_STREAM) for port in ports}
 
@@ -720,7 +744,7 @@ async def measure_held(cluster: Cluster, target: str, opts: Options, streams: in
 
     held = await asyncio.gather(*(opened(i) for i in range(streams)))
     try:
-        await asyncio.sleep(opts.settle)
+        await asyncio.sleep(settle)
         holding = rss_mb(pid) if pid else None
         healthy = sum(conn is not None and not conn.closed and reply is not None
                       and reply.error is None and bool(reply.line_times)
@@ -729,7 +753,22 @@ async def measure_held(cluster: Cluster, target: str, opts: Options, streams: in
         for conn, _ in held:
             if conn is not None:
                 conn.close()
-    await asyncio.sleep(opts.settle)  # let every hop wind the streams down
+    await asyncio.sleep(settle)
+    return holding, healthy
+
+
+async def measure_held(cluster: Cluster, target: str, opts: Options, streams: int) -> Metrics:
+    """Hold `streams` generations open at once and weigh the proxy meanwhile. Each proxy
+    starts afresh and warms up first: a process keeps the memory of an earlier peak, so
+    growth is only visible from a process that never had one."""
+    ports = cluster.ports(target)
+    pid = None
+    if target in cluster.proxies:
+        cluster.restart(target)
+        pid = cluster.proxies[target].pid
+        await hold_and_release(ports, HELD_WARMUP, opts.settle)
+    idle = rss_mb(pid) if pid else None
+    holding, healthy = await hold_and_release(ports, streams, opts.settle, pid)
     per_1000 = None if idle is None or holding is None else (holding - idle) / streams * 1000
     return {"healthy": healthy, "unhealthy": streams - healthy, "idle_mb": idle,
             "holding_mb": holding, "mb_per_1000": per_1000, "errors": streams - healthy}
@@ -1026,7 +1065,8 @@ def markdown_table(title: str, rows: list[dict], targets: list[str]) -> str:
     return "\n".join(lines)
 
 
-def machine_info(nginx: str | None) -> dict[str, str]:
+def machine_info(nginx: str | None, load_at_start: float) -> dict[str, str]:
+    """What the figures depend on; the load average says whether something else ran too."""
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     memory = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
@@ -1040,7 +1080,9 @@ def machine_info(nginx: str | None) -> dict[str, str]:
             "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(),
             "tornado": importlib.metadata.version("tornado"),
-            "nginx": nginx_version, "aivonx": _git_state()}
+            "nginx": nginx_version, "aivonx": _git_state(),
+            "load average (1 min) at start → end":
+                f"{load_at_start:.1f} → {os.getloadavg()[0]:.1f}"}
 
 
 def _git_state() -> str:
@@ -1146,13 +1188,14 @@ def main(argv: list[str] | None = None) -> int:
     phases = [p for p in build_phases(opts) if p.name in wanted]
     workdir = Path(tempfile.mkdtemp(prefix="aivonx-bench-"))
     children = Children()
+    load_at_start = os.getloadavg()[0]
     try:
         results = run_all(phases, opts, targets, nginx, children, workdir)
     finally:
         children.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
     command = "python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text, data = report(phases, results, targets, machine_info(nginx), command.strip(), notes)
+    text, data = report(phases, results, targets, machine_info(nginx, load_at_start), command.strip(), notes)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))

@@ -124,7 +124,7 @@
     tr.dataset.id = String(id);
     // The template was rendered for node 0: point its forms at this node.
     for (const form of tr.querySelectorAll("form[action]")) {
-      form.setAttribute("action", form.getAttribute("action").replace("/nodes/0/", `/nodes/${id}/`));
+      form.setAttribute("action", form.getAttribute("action").replace(/\/nodes\/0(?=\/|$)/, `/nodes/${id}`));
     }
     return tr;
   }
@@ -139,7 +139,8 @@
     const since = slot(tr, "since");
     since.dataset.since = n.since === null ? "" : String(n.since);
     setText(since, ago(n.since));
-    setText(slot(tr, "reason"), n.status === "active" ? "" : n.reason || "");
+    // Why a node is not serving; a drained node that answers needs no reason.
+    setText(slot(tr, "reason"), n.status === "active" || n.reason === "ok" ? "" : n.reason || "");
     setText(slot(tr, "latency"), latencyText(n.latency));
     const points = sparkPoints(n.latency_history);
     const line = slot(tr, "spark");
@@ -149,7 +150,23 @@
     setText(slot(tr, "errors"), n.errors);
     renderChips(slot(tr, "models"), n.models, n.loaded, "none listed");
     renderChips(slot(tr, "loaded"), n.loaded, n.loaded, "idle");
-    document.dispatchEvent(new CustomEvent("aivonx:row", { detail: { tr, node: n } }));
+    renderControls(tr, n);
+  }
+
+  function renderControls(tr, n) {
+    // Signed in: the row's forms follow the node too.
+    for (const name of tr.querySelectorAll('[data-f="name"]')) setText(name, n.name);
+    const drained = n.status === "drained";
+    const drain = slot(tr, "drain-value");
+    if (drain) {
+      drain.value = drained ? "1" : "0";
+      setText(slot(tr, "drain-button"), drained ? "Resume" : "Drain");
+    }
+    const edit = slot(tr, "edit-name");
+    if (edit && !edit.closest("details").open) {
+      edit.value = n.name;
+      slot(tr, "edit-address").value = n.url;
+    }
   }
 
   function renderNodes(nodes) {
@@ -179,6 +196,29 @@
     setText(errors, state.errors);
     errors.classList.toggle("has-errors", state.errors > 0);
     setOverall(...summaryOf(nodes));
+    const strategy = slot(document, "strategy-select");
+    if (strategy && !strategy.dataset.dirty && document.activeElement !== strategy) {
+      strategy.value = state.strategy;
+    }
+    renderTargets(nodes);
+  }
+
+  function renderTargets(nodes) {
+    const select = slot(document, "pull-targets");
+    if (!select) return;
+    const key = JSON.stringify(nodes.map((n) => [n.id, n.name]));
+    if (select.dataset.key === key) return;
+    select.dataset.key = key;
+    const chosen = select.value;
+    const options = [el("option", "", "every serving node")];
+    options[0].value = "all";
+    for (const n of nodes) {
+      const option = el("option", "", n.name);
+      option.value = String(n.id);
+      options.push(option);
+    }
+    select.replaceChildren(...options);
+    select.value = options.some((o) => o.value === chosen) ? chosen : "all";
   }
 
   function setOverall(text, tone) {
@@ -252,12 +292,200 @@
   });
   setInterval(tick, 1000);
 
-  // For the forms (ui-forms): refresh at once after a change.
-  window.aivonx = {
-    refresh: poll,
-    get state() {
-      return lastState;
-    },
-  };
+  // -- forms ----------------------------------------------------------------
+  // The same forms work without this script (POST, redirect, message); here
+  // they are sent with fetch() asking for JSON, and the page stays put.
+  const flashArea = document.getElementById("flash");
+  let flashTimer = null;
+
+  function flash(kind, text) {
+    if (!flashArea) return;
+    clearTimeout(flashTimer);
+    const p = el("p", `flash ${kind}`, text);
+    p.setAttribute("role", "alert");
+    flashArea.replaceChildren(p);
+    if (kind === "ok") flashTimer = setTimeout(() => p.remove(), 6000);
+  }
+
+  function showErrors(form, errors) {
+    for (const slotEl of form.querySelectorAll("[data-error]")) {
+      const keys = slotEl.dataset.error.split(" ");
+      setText(slotEl, keys.map((k) => (errors || {})[k]).filter(Boolean).join("; "));
+    }
+  }
+
+  function formBody(form) {
+    const body = new URLSearchParams(new FormData(form));
+    return { body, token: body.get("_xsrf") || "" };
+  }
+
+  async function answer(resp) {
+    try {
+      return await resp.json();
+    } catch (err) {
+      return { ok: false, message: `Aivonx answered ${resp.status}` };
+    }
+  }
+
+  async function submit(form) {
+    const buttons = form.querySelectorAll("button");
+    buttons.forEach((b) => (b.disabled = true));
+    const { body, token } = formBody(form);
+    try {
+      const resp = await fetch(form.action, {
+        method: "POST",
+        body,
+        credentials: "same-origin",
+        headers: { Accept: "application/json", "X-XSRFToken": token },
+      });
+      const result = await answer(resp);
+      showErrors(form, result.errors);
+      flash(result.ok ? "ok" : "error", result.message || "");
+      if (result.ok) {
+        if (form.hasAttribute("data-reset")) form.reset();
+        if (form.hasAttribute("data-close")) form.closest("details").open = false;
+        const strategy = slot(form, "strategy-select");
+        if (strategy) delete strategy.dataset.dirty;
+      }
+    } catch (err) {
+      flash("error", `Aivonx did not answer: ${err.message}`);
+    } finally {
+      buttons.forEach((b) => (b.disabled = false));
+      poll();
+    }
+  }
+
+  // -- pull with live progress ------------------------------------------------
+  function bytes(n) {
+    if (!n) return "0 B";
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    const i = Math.min(units.length - 1, Math.floor(Math.log(n) / Math.log(1000)));
+    return `${(n / 1000 ** i).toFixed(i ? 1 : 0)} ${units[i]}`;
+  }
+
+  function pullRow(node) {
+    const row = el("div", "pull-node");
+    row.dataset.node = String(node.node_id);
+    const head = el("div", "pull-head");
+    const status = el("span", "pull-status", "waiting");
+    const amount = el("span", "pull-amount num", "");
+    head.append(el("strong", "", node.node), status, amount);
+    const bar = el("progress");
+    bar.max = 1;
+    bar.value = 0;
+    row.append(head, bar);
+    return { row, status, amount, bar, layers: new Map() };
+  }
+
+  function pullLine(view, line) {
+    if (line.error) {
+      view.row.classList.add("failed");
+      setText(view.status, line.error);
+      return;
+    }
+    if (line.digest && line.total) view.layers.set(line.digest, [line.completed || 0, line.total]);
+    let done = 0;
+    let total = 0;
+    for (const [completed, size] of view.layers.values()) {
+      done += completed;
+      total += size;
+    }
+    if (total) {
+      view.bar.value = done / total;
+      setText(view.amount, `${bytes(done)} / ${bytes(total)}`);
+    }
+    if (line.status === "success") view.bar.value = 1;
+    if (line.status) setText(view.status, line.status);
+  }
+
+  async function pull(form) {
+    const area = document.getElementById("pull-progress");
+    const button = form.querySelector("button");
+    const { body, token } = formBody(form);
+    showErrors(form, {});
+    button.disabled = true;
+    area.hidden = false;
+    area.replaceChildren(el("p", "hint", `Pulling ${body.get("model")}…`));
+    const views = new Map();
+    const handle = (line) => {
+      if (line.nodes) {
+        const title = el("p", "pull-title");
+        title.append("Pulling ", el("strong", "mono", line.model));
+        area.replaceChildren(title);
+        for (const node of line.nodes) {
+          const view = pullRow(node);
+          views.set(node.node_id, view);
+          area.append(view.row);
+        }
+      } else if (line.done) {
+        for (const result of line.results || []) {
+          const view = views.get(result.node_id);
+          if (!view) continue;
+          if (result.error) {
+            view.row.classList.add("failed");
+            setText(view.status, result.error);
+          } else {
+            view.row.classList.add("succeeded");
+            view.bar.value = 1;
+            setText(view.status, "done");
+          }
+        }
+        flash(line.error ? "error" : "ok",
+          line.error || `Pulled ${line.model} on ${views.size} node${views.size === 1 ? "" : "s"}.`);
+      } else if (views.has(line.node_id)) {
+        pullLine(views.get(line.node_id), line);
+      }
+    };
+    try {
+      const resp = await fetch(form.action, {
+        method: "POST",
+        body,
+        credentials: "same-origin",
+        headers: { Accept: "application/x-ndjson, application/json", "X-XSRFToken": token },
+      });
+      if (!resp.ok || !(resp.headers.get("Content-Type") || "").includes("ndjson")) {
+        const result = await answer(resp);
+        showErrors(form, result.errors);
+        flash("error", result.message || `Aivonx answered ${resp.status}`);
+        area.hidden = true;
+        return;
+      }
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = buffer.indexOf("\n")) >= 0) {
+          const text = buffer.slice(0, end).trim();
+          buffer = buffer.slice(end + 1);
+          if (text) handle(JSON.parse(text));
+        }
+      }
+    } catch (err) {
+      flash("error", `The pull was interrupted: ${err.message}`);
+    } finally {
+      button.disabled = false;
+      poll();
+    }
+  }
+
+  document.addEventListener("submit", (ev) => {
+    const form = ev.target;
+    if (!(form instanceof HTMLFormElement)) return;
+    if (form.hasAttribute("data-pull")) {
+      ev.preventDefault();
+      pull(form);
+    } else if (form.hasAttribute("data-enhance")) {
+      ev.preventDefault();
+      submit(form);
+    }
+  });
+  document.addEventListener("change", (ev) => {
+    if (ev.target.matches('[data-f="strategy-select"]')) ev.target.dataset.dirty = "1";
+  });
+
   poll();
 })();

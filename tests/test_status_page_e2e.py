@@ -13,8 +13,13 @@ import os
 import shutil
 from typing import Any, AsyncIterator
 
+import ollama
 import pytest
 from tornado.httpclient import AsyncHTTPClient
+
+from aivonx import nodes
+from tests import api_client as api
+from tests.conftest import ROOT_PASSWORD
 
 CHROMIUM = os.environ.get("AIVONX_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -64,7 +69,7 @@ async def new_page(browser: Any, problems: list[str], **options: Any) -> Any:
 async def api_state(proxy: Any) -> dict[str, Any]:
     client = AsyncHTTPClient(force_instance=True)
     try:
-        response = await client.fetch(proxy.url + "/ui/state")
+        response = await client.fetch(proxy.url + "/api/proxy/state")
     finally:
         client.close()
     return json.loads(response.body)
@@ -111,17 +116,111 @@ async def test_page_follows_a_node_down_and_back_without_reloading(
         await expect(static.locator(f'tr.node[data-id="{proxy.node(a).id}"] [data-f="models"]')
                      ).to_contain_text("llama3:latest")
         await expect(static.locator("#live")).to_be_hidden()
+    assert problems == []
 
-        for scheme, suffix in (("light", ""), ("dark", "-dark")):
-            shot = await new_page(browser, problems, color_scheme=scheme)
+
+async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, make_proxy,
+                                                           artifacts_dir):
+    a = await make_node(["llama3:latest", "qwen3:8b"])
+    b = await make_node(["llama3:latest", "mistral:7b"])
+    d = await make_node(["llama3:latest"])
+    c = await make_node(["phi3:mini"])  # added from the page
+    proxy = await make_proxy([a, b, d])
+    for fake, name in ((a, "gpu-a"), (b, "gpu-b"), (d, "gpu-d")):
+        nodes.update_node(proxy.ctx, proxy.node(fake).id, {"name": name}, partial=True)
+    client = ollama.AsyncClient(host=proxy.url)
+    for _ in range(3):
+        await client.generate(model="qwen3:8b", prompt="hi", stream=False)
+    expect = require_browser().expect
+    problems: list[str] = []
+    async with chromium() as browser:
+        page = await new_page(browser, problems, viewport={"width": 1280, "height": 900})
+        await page.goto(proxy.url + "/ui")
+        await page.get_by_role("link", name="Sign in").click()
+        await page.get_by_label("Username").fill("root")
+        await page.get_by_label("Password").fill(ROOT_PASSWORD)
+        await page.get_by_role("button", name="Sign in").click()
+        await expect(page.locator(".account")).to_contain_text("Signed in as root")
+        await expect(page.locator("#flash")).to_have_text("Signed in as root.")
+        # The session cookie is Secure and HttpOnly, and Chromium keeps it on
+        # http://127.0.0.1 (a secure context).
+        cookies = {c["name"]: c for c in await page.context.cookies()}
+        session = cookies["aivonx_session"]
+        assert session["secure"] and session["httpOnly"] and session["sameSite"] == "Strict"
+        assert await page.evaluate("document.cookie") == ""
+        token = await api.login(proxy)
+
+        # Add a node: it appears, is probed and serves; the API lists it.
+        add = page.locator("#add-node")
+        await add.get_by_label("Address").fill(c.url)
+        await add.get_by_label("Name").fill("gpu-c")
+        await add.get_by_role("button", name="Add node").click()
+        await expect(page.locator("#flash")).to_have_text("Added node gpu-c; it is being probed.")
+        row_c = page.locator("tr.node", has=page.locator('[data-f="name"]', has_text="gpu-c"))
+        await expect(row_c.locator('[data-f="status"]')).to_have_text(
+            "active", timeout=LIVE_TIMEOUT)
+        await expect(row_c.locator('[data-f="models"]')).to_contain_text("phi3:mini")
+        listed = (await api.call(proxy, "GET", "/api/proxy/nodes", token=token)).json
+        assert {"gpu-c": (c.port, True)}.items() <= {
+            n["name"]: (n["port"], n["active"]) for n in listed["results"]}.items()
+
+        # Change the strategy: the API says so.
+        await page.get_by_label("Routing strategy").select_option("round_robin")
+        await page.get_by_role("button", name="Apply").click()
+        await expect(page.locator("#flash")).to_have_text("Strategy is now round_robin.")
+        config = (await api.call(proxy, "GET", "/api/proxy/config", token=token)).json
+        assert config["strategy"] == "round_robin"
+
+        # Pull a model onto every serving node, with each node's progress.
+        pull = page.locator("#pull")
+        await pull.get_by_label("Model").fill("gemma3:1b")
+        await pull.get_by_role("button", name="Pull").click()
+        progress = page.locator("#pull-progress .pull-node")
+        await expect(progress).to_have_count(4)
+        await expect(page.locator("#pull-progress .pull-node.succeeded")).to_have_count(4)
+        await expect(page.locator("#flash")).to_have_text("Pulled gemma3:1b on 4 nodes.")
+        await expect(row_c.locator('[data-f="models"]')).to_contain_text("gemma3:1b")
+        assert all("gemma3:1b" in fake.models for fake in (a, b, c, d))
+
+        # Drain one node, rename another; a third goes down.
+        row_b = page.locator(f'tr.node[data-id="{proxy.node(b).id}"]')
+        await row_b.get_by_role("button", name="Drain").click()
+        await expect(row_b.locator('[data-f="status"]')).to_have_text("drained")
+        await expect(row_b.get_by_role("button", name="Resume")).to_be_visible()
+        assert not proxy.node(b).routable
+        await row_c.get_by_text("Edit", exact=True).click()
+        await row_c.get_by_label("Name").fill("gpu-c-renamed")
+        await row_c.get_by_role("button", name="Save").click()
+        await expect(page.locator("#flash")).to_have_text("Saved node gpu-c-renamed.")
+        await expect(row_c.locator('[data-f="name"]').first).to_have_text("gpu-c-renamed")
+        await d.stop()
+        d_id = proxy.node(d).id
+        row_d = page.locator(f'tr.node[data-id="{d_id}"]')
+        await expect(row_d.locator('[data-f="status"]')).to_have_text(
+            "standby", timeout=LIVE_TIMEOUT)
+
+        await page.wait_for_timeout(1200)  # a few more latency samples for the sparklines
+        await page.screenshot(path=os.path.join(artifacts_dir, "status-page.png"),
+                              full_page=True)
+        for options, suffix in (({"color_scheme": "dark"}, "dark"),
+                                ({"viewport": {"width": 390, "height": 844},
+                                  "device_scale_factor": 2, "is_mobile": True,
+                                  "has_touch": True}, "phone")):
+            shot = await new_page(browser, problems,
+                                  storage_state=await page.context.storage_state(), **options)
             await shot.goto(proxy.url + "/ui")
-            await expect(shot.locator("#live")).to_be_visible()
-            await shot.screenshot(path=os.path.join(artifacts_dir, f"status-page{suffix}.png"),
+            await expect(shot.locator("#live")).to_have_text("live")
+            await shot.screenshot(path=os.path.join(artifacts_dir, f"status-page-{suffix}.png"),
                                   full_page=True)
-        phone = await new_page(browser, problems, viewport={"width": 390, "height": 844},
-                               device_scale_factor=2, is_mobile=True, has_touch=True)
-        await phone.goto(proxy.url + "/ui")
-        await expect(phone.locator("#live")).to_be_visible()
-        await phone.screenshot(path=os.path.join(artifacts_dir, "status-page-phone.png"),
-                               full_page=True)
+
+        # Delete the node that went down; sign out.
+        await row_d.get_by_text("Delete", exact=True).click()
+        await row_d.get_by_role("button", name="Delete node").click()
+        await expect(row_d).to_have_count(0)
+        assert d_id not in {
+            n["id"] for n in (await api.call(proxy, "GET", "/api/proxy/nodes",
+                                             token=token)).json["results"]}
+        await page.get_by_role("button", name="Sign out").click()
+        await expect(page.get_by_role("link", name="Sign in")).to_be_visible()
+        await expect(page.locator("#add-node")).to_have_count(0)
     assert problems == []
