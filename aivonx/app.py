@@ -128,16 +128,23 @@ def make_app(ctx: Context) -> tornado.web.Application:
     )
 
 
+def make_server(ctx: Context) -> HTTPServer:
+    """The HTTP server with the limits hostile clients meet: head size and
+    time, body size."""
+    settings = ctx.settings
+    return HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
+                      max_buffer_size=settings.max_body_size,
+                      max_header_size=settings.max_header_size,
+                      idle_connection_timeout=settings.header_timeout,
+                      body_timeout=settings.idle_timeout)
+
+
 async def serve(settings: Settings) -> tuple[Context, HTTPServer]:
     """Open the store, probe the nodes, listen. Returns what to close."""
     ctx = Context(settings)
     ctx.open_store()
     await ctx.start()
-    app = make_app(ctx)
-    server = HTTPServer(app, max_body_size=settings.max_body_size,
-                        max_buffer_size=settings.max_body_size,
-                        max_header_size=settings.max_header_size,
-                        idle_connection_timeout=3600)
+    server = make_server(ctx)
     server.listen(settings.port, address=settings.host)
     return ctx, server
 

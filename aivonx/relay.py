@@ -462,7 +462,9 @@ class Relay:
             try:
                 response = await self.client.fetch(request, raise_error=False)
             except Exception as exc:  # refused, reset, DNS: no HTTP answer at all
-                response = HTTPResponse(request, 599, error=exc)
+                # Without its traceback the error does not pin this frame
+                # (and the whole exchange) in memory.
+                response = HTTPResponse(request, 599, error=exc.with_traceback(None))
             ok = response.code != 599 or exchange.cancelled
             return response
         finally:

@@ -31,6 +31,10 @@ class Settings:
     # itself sets no limit.
     max_body_size: int = 1024 * 1024 * 1024
     max_header_size: int = 64 * 1024
+    # A client must send its request head within this many seconds (slow
+    # senders would otherwise hold connections for ever); also how long an
+    # idle keep-alive connection stays open.
+    header_timeout: float = 30.0
     # The password user root gets at first start (environment only: a flag
     # would show in `ps`); None generates one and logs it once.
     root_password: str | None = None
@@ -84,6 +88,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         default=_positive_float(_env(env, "AIVONX_HEALTH_INTERVAL")
                                                 or str(defaults.health_interval)),
                         help="seconds between node probes (AIVONX_HEALTH_INTERVAL, default 10)")
+    parser.add_argument("--connect-timeout", type=_positive_float,
+                        default=_positive_float(_env(env, "AIVONX_CONNECT_TIMEOUT")
+                                                or str(defaults.connect_timeout)),
+                        help="seconds to connect to a node (AIVONX_CONNECT_TIMEOUT, default 5)")
+    parser.add_argument("--idle-timeout", type=_positive_float,
+                        default=_positive_float(_env(env, "AIVONX_IDLE_TIMEOUT")
+                                                or str(defaults.idle_timeout)),
+                        help="seconds without a byte from a node before its request is given "
+                             "up; there is no total deadline (AIVONX_IDLE_TIMEOUT, default 600)")
     parser.add_argument("--max-queue", type=int,
                         default=int(_env(env, "AIVONX_MAX_QUEUE") or defaults.max_queue),
                         help="requests that may wait for a free node slot (AIVONX_MAX_QUEUE, "
@@ -110,6 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     nodes = args.nodes if args.nodes is not None else args.env_nodes
     return Settings(host=args.host, port=args.port, db=args.db, nodes=list(nodes),
                     health_interval=args.health_interval, log_level=args.log_level,
+                    connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout,
                     max_queue=args.max_queue, max_wait=args.max_wait,
                     shutdown_grace=args.shutdown_grace,
                     root_password=args.root_password)

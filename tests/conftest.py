@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 from tornado.httpserver import HTTPServer
 
-from aivonx.app import Context, bound_port, make_app
+from aivonx.app import Context, bound_port, make_server
 from aivonx.settings import Settings
 from tests.fakes.fake_ollama import FakeOllama
 
@@ -77,8 +77,7 @@ def make_proxy(io_loop, tmp_path) -> Callable[..., Awaitable[Proxy]]:
         ctx.open_store()
         if start:
             await ctx.start()
-        server = HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
-                            max_buffer_size=settings.max_body_size)
+        server = make_server(ctx)
         server.listen(0, address="127.0.0.1")
         proxy = Proxy(ctx, server)
         proxies.append(proxy)
