@@ -50,6 +50,10 @@ class Scheduler:
     def depth(self) -> int:
         return len(self.waiters)
 
+    def oldest_wait(self) -> float | None:
+        """Seconds the longest-waiting request has waited so far."""
+        return time.monotonic() - self.waiters[0].since if self.waiters else None
+
     def _free_node(self, key: str, exclude: frozenset[int] | set[int]) -> NodeState | None:
         """The best node for `key` with a free slot, or None when all are
         full. Raises the router's NoSuchModel / NoHealthyNode."""

@@ -22,6 +22,7 @@ def node_view(node: NodeState) -> dict[str, Any]:
         "port": node.port,
         "url": node.url,
         "status": node.status,            # active | standby | drained
+        "health": node.health,            # healthy | degraded | unhealthy | drained
         "enabled": node.enabled,
         "healthy": node.healthy,
         "since": node.since,               # unix time of the last status change
@@ -31,6 +32,8 @@ def node_view(node: NodeState) -> dict[str, Any]:
         "latency_history": [_seconds(v) for v in node.latency_history],
         "version": node.version,
         "active_requests": node.active_requests,
+        "slots": node.slots,
+        "weight": node.weight,
         "requests_served": node.requests_served,
         "errors": node.errors,
         "models": sorted(node.models.values()),
@@ -40,7 +43,7 @@ def node_view(node: NodeState) -> dict[str, Any]:
 
 def cluster_state(ctx: Any) -> dict[str, Any]:
     """Everything the state API and the status page show, in one snapshot."""
-    registry = ctx.registry
+    registry, scheduler = ctx.registry, ctx.scheduler
     nodes = sorted(registry.nodes.values(), key=lambda n: n.id)
     views = [node_view(n) for n in nodes]
     return {
@@ -55,5 +58,15 @@ def cluster_state(ctx: Any) -> dict[str, Any]:
         "total_active_requests": registry.total_active(),
         "requests_served": registry.requests_served,
         "errors": registry.errors,
+        "queue": {
+            "depth": scheduler.depth,
+            "limit": scheduler.max_queue,
+            "max_wait": scheduler.max_wait,
+            "oldest_wait": _seconds(scheduler.oldest_wait()),
+            "queued_total": scheduler.queued_total,
+            "rejected_total": scheduler.rejected_total,
+            "average_wait": _seconds(scheduler.wait_seconds_total / scheduler.queued_total
+                                     if scheduler.queued_total else None),
+        },
         "nodes": views,
     }

@@ -62,6 +62,10 @@ async def test_full_queue_answers_503_with_retry_after(io_loop, make_node, make_
     await wait_for(lambda: proxy.node(node).active_requests == 1)
     second = asyncio.ensure_future(fetch_stream(proxy.url + "/api/generate", GEN))
     await wait_for(lambda: proxy.ctx.scheduler.depth == 1)
+    state = json.loads((await AsyncHTTPClient().fetch(proxy.url + "/api/proxy/state")).body)
+    assert state["queue"]["depth"] == 1 and state["queue"]["limit"] == 1
+    assert state["queue"]["oldest_wait"] >= 0
+    assert state["nodes"][0]["slots"] == 1 and state["nodes"][0]["active_requests"] == 1
     response, arrivals = await fetch_stream(proxy.url + "/api/generate", GEN)
     assert response.code == 503 and response.headers["Retry-After"]
     assert "server busy" in json.loads(b"".join(c for _, c in arrivals))["error"]
@@ -133,7 +137,10 @@ async def test_a_busy_node_rests_instead_of_being_hammered(io_loop, make_node, m
     for _ in range(6):
         assert (await client.generate(model="llama3", prompt="x", stream=False)).done
     assert len(busy.requests_to("/api/generate")) == 1  # then it rests
-    assert proxy.node(busy).health == "degraded" and proxy.node(busy).status == "standby"
+    state = json.loads((await AsyncHTTPClient().fetch(proxy.url + "/api/proxy/state")).body)
+    view = next(n for n in state["nodes"] if n["port"] == busy.port)
+    assert (view["health"], view["status"]) == ("degraded", "standby")
+    assert view["reason"].startswith("busy") and view["since"] > 0
     assert len(calm.requests_to("/api/generate")) == 6
 
 
