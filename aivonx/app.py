@@ -120,6 +120,7 @@ def make_app(ctx: Context) -> tornado.web.Application:
         default_handler_class=base.NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,  # streams must reach clients chunk by chunk
+        log_function=base.log_request,
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
         # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The

@@ -17,6 +17,23 @@ log = logging.getLogger("aivonx.http")
 INLINE_JSON_LIMIT = 256 * 1024
 
 
+access_log = logging.getLogger("aivonx.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without a log call per successful request on the hot
+    path: server errors as warnings, everything else only at debug level."""
+    status = handler.get_status()
+    if status >= 500:
+        level = logging.WARNING
+    elif access_log.isEnabledFor(logging.DEBUG):
+        level = logging.DEBUG
+    else:
+        return
+    access_log.log(level, "%d %s %.2fms", status, handler._request_summary(),
+                   1000.0 * handler.request.request_time())
+
+
 class ApiError(Exception):
     """An error answered to the client, in its dialect, with its status."""
 
