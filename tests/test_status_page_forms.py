@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.tcpclient import TCPClient
 
 from aivonx.store import Node
 from tests.conftest import ROOT_PASSWORD
@@ -287,3 +288,24 @@ async def test_pull_without_javascript_starts_and_returns(io_loop, make_node, ma
     assert response.code == 302
     assert "Pulling phi3:mini on" in flash(await browser.page())
     await wait_for(lambda: "phi3:mini" in proxy.node(a).models.values(), timeout=5)
+
+
+async def test_leaving_the_page_cancels_the_pull_on_the_nodes(io_loop, make_node, make_proxy):
+    a = await make_node(chunk_delay=0.5)  # a slow download: one progress line per 0.5 s
+    proxy = await make_proxy([a])
+    browser = Browser(proxy)
+    await browser.sign_in()
+    token = await browser.xsrf()
+    body = urlencode({"_xsrf": token, "model": "phi3:mini", "node": "all"}).encode()
+    jar = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    stream = await TCPClient().connect("127.0.0.1", proxy.port)
+    await stream.write(
+        b"POST /ui/pull HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nCookie: %s\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (jar.encode(), len(body), body))
+    head = await stream.read_until(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    await stream.read_until(b'"status"')  # the node's first progress line arrived
+    stream.close()  # the page is closed
+    await wait_for(lambda: a.requests_to("/api/pull")[0].client_closed_at is not None, timeout=3)
+    assert "phi3:mini" not in a.models  # the download stopped before it finished
