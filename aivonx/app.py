@@ -12,7 +12,7 @@ from tornado.httpserver import HTTPServer
 from . import catalog, store
 from .fanout import fetch_model_lists
 from .auth import Auth
-from .handlers import account, base, manage, metrics, modelops, ollama, openai, pages
+from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
 from .metrics import Metrics
 from .monitor import Monitor
 from .registry import NodeState, Registry
@@ -106,12 +106,12 @@ class Context:
 
 
 def make_app(ctx: Context) -> tornado.web.Application:
+    documented = [*manage.routes(ctx), *account.routes(ctx), *modelops.routes(ctx)]
     routes = [
         *ollama.routes(ctx),
         *openai.routes(ctx),
-        *manage.routes(ctx),
-        *account.routes(ctx),
-        *modelops.routes(ctx),
+        *documented,
+        *docs.routes(ctx, documented),
         *metrics.routes(ctx),
         *pages.routes(ctx),
     ]

@@ -1,0 +1,187 @@
+"""The OpenAPI 3 document of the management, account and model-operation
+endpoints, assembled by apispec from the handlers' docstrings.
+
+Each documented handler method carries its operation in YAML after `---`;
+the shared schemas and canned responses are declared here once and named
+from the docstrings (apispec turns a name into a `$ref`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from apispec import APISpec
+from apispec_webframeworks.tornado import TornadoPlugin
+
+API_VERSION = "1.0.0"
+
+_NULLABLE_NUMBER = {"type": "number", "nullable": True}
+_URL_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+RESPONSES: dict[str, dict[str, Any]] = {
+    "BadRequest": _error("The request is malformed"),
+    "Unauthorized": _error("No valid access token (`Authorization: Bearer <access>`)"),
+    "NotFound": _error("No such resource"),
+    "Conflict": _error("A node with this address and port exists already"),
+    "TooManyRequests": _error("Too many failed logins; see the Retry-After header"),
+    "ServerError": _error("The operation failed on some node"),
+    "Unavailable": _error("No node is available"),
+    "ValidationFailed": {
+        "description": "Invalid fields; `fields` says what is wrong with each",
+        "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ValidationError"}}}},
+}
+
+NODE_FIELDS = {
+    "name": {"type": "string", "maxLength": 100, "example": "gpu1",
+             "description": "Defaults to address:port"},
+    "address": {"type": "string", "maxLength": 300, "example": "http://10.0.0.5",
+                "description": "A host name, an IP, or an http(s) URL (its port, if any, "
+                               "is the node's port)"},
+    "port": {"type": "integer", "minimum": 1, "maximum": 65535, "example": 11434,
+             "default": 11434},
+    "active": {"type": "boolean", "default": True,
+               "description": "false drains the node: nothing new is routed to it"},
+}
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {"type": "object", "required": ["error"],
+              "properties": {"error": {"type": "string"}}},
+    "ValidationError": {
+        "type": "object", "required": ["error", "fields"],
+        "properties": {"error": {"type": "string", "example": "validation failed"},
+                       "fields": {"type": "object", "additionalProperties": {"type": "string"},
+                                  "example": {"port": "port must be an integer between 1 "
+                                                      "and 65535"}}}},
+    "Health": {"type": "object", "properties": {"status": {"type": "string",
+                                                           "enum": ["healthy"]}}},
+    "Status": {"type": "object", "properties": {"status": {"type": "string"}}},
+    "ProxyStatus": {"type": "object", "properties": {
+        "status": {"type": "string", "enum": ["ok", "unavailable"]},
+        "routable_nodes": {"type": "integer"}, "total_nodes": {"type": "integer"},
+        "error": {"type": "string"}}},
+    "State": {"type": "object", "properties": {
+        "active": {"type": "array", "items": {"type": "string"},
+                   "description": "URLs of the routable nodes"},
+        "standby": {"type": "array", "items": {"type": "string"},
+                    "description": "URLs of the nodes down or drained"},
+        "node_id_map": _URL_MAP,
+        "latencies": {"type": "object", "additionalProperties": _NULLABLE_NUMBER,
+                      "description": "Smoothed probe latency in seconds, null while unknown"},
+        "active_counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "models": {"type": "object", "additionalProperties": {
+            "type": "array", "items": {"type": "string"}}},
+        "loaded_models": {"type": "object", "additionalProperties": {
+            "type": "array", "items": {"type": "string"}}},
+        "strategy": {"type": "string"},
+        "total_active_requests": {"type": "integer"},
+        "nodes": {"type": "array", "items": {"type": "object"},
+                  "description": "Every node's details (health, history, counters)"}}},
+    "ActiveNode": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "name": {"type": "string"}, "address": {"type": "string"},
+        "port": {"type": "integer"}, "url": {"type": "string"},
+        "active_requests": {"type": "integer"},
+        "status": {"type": "string", "enum": ["active", "standby", "drained"]},
+        "latency": _NULLABLE_NUMBER,
+        "models": {"type": "array", "items": {"type": "string"}}}},
+    "ActiveRequests": {"type": "object", "properties": {
+        "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/ActiveNode"}},
+        "total_active_requests": {"type": "integer"}}},
+    "Config": {"type": "object", "properties": {
+        "strategy": {"type": "string"},
+        "strategies": {"type": "array", "items": {"type": "string"}, "readOnly": True}}},
+    "ConfigInput": {"type": "object", "required": ["strategy"],
+                    "properties": {"strategy": {"type": "string", "example": "least_active"}}},
+    "ConfigPatch": {"type": "object",
+                    "properties": {"strategy": {"type": "string", "example": "round_robin"}}},
+    "Node": {"type": "object", "properties": {
+        "id": {"type": "integer"}, **NODE_FIELDS,
+        "created_at": {"type": "string", "format": "date-time"}}},
+    "NodeInput": {"type": "object", "required": ["address"], "properties": NODE_FIELDS},
+    "NodePatch": {"type": "object", "properties": NODE_FIELDS},
+    "NodePage": {"type": "object", "properties": {
+        "count": {"type": "integer"},
+        "next": {"type": "string", "nullable": True},
+        "previous": {"type": "string", "nullable": True},
+        "results": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},
+    "LoginInput": {"type": "object", "required": ["username", "password"], "properties": {
+        "username": {"type": "string", "example": "root"},
+        "password": {"type": "string", "format": "password"}}},
+    "Tokens": {"type": "object", "properties": {
+        "access": {"type": "string"}, "refresh": {"type": "string"},
+        "token_type": {"type": "string", "example": "Bearer"},
+        "expires_in": {"type": "integer", "description": "Seconds the access token lasts"}}},
+    "RefreshInput": {"type": "object", "required": ["refresh"],
+                     "properties": {"refresh": {"type": "string"}}},
+    "LogoutInput": {"type": "object", "properties": {"refresh": {"type": "string"}}},
+    "AccessToken": {"type": "object", "properties": {"access": {"type": "string"}}},
+    "PullInput": {"type": "object", "required": ["model"], "properties": {
+        "model": {"type": "string", "example": "llama3.2"},
+        "node_id": {"type": "integer", "description": "Only this node (default: every "
+                                                     "routable node)"},
+        "stream": {"type": "boolean", "default": True},
+        "insecure": {"type": "boolean", "default": False}}},
+    "PullProgress": {"type": "object", "description": "One NDJSON line: an Ollama progress "
+                     "object tagged with its node, or the final summary",
+                     "properties": {"node_id": {"type": "integer"}, "node": {"type": "string"},
+                                    "status": {"type": "string"},
+                                    "digest": {"type": "string"},
+                                    "total": {"type": "integer"},
+                                    "completed": {"type": "integer"},
+                                    "error": {"type": "string"}}},
+    "PullSummary": {"type": "object", "properties": {
+        "done": {"type": "boolean"}, "model": {"type": "string"},
+        "status": {"type": "string", "enum": ["success", "error"]},
+        "error": {"type": "string"},
+        "results": {"type": "array", "items": {"type": "object", "properties": {
+            "node_id": {"type": "integer"}, "node": {"type": "string"},
+            "status": {"type": "string"}, "error": {"type": "string"}}}}}},
+    "OllamaModelInput": {"type": "object", "required": ["model"], "properties": {
+        "model": {"type": "string"}, "stream": {"type": "boolean", "default": True},
+        "insecure": {"type": "boolean"}}},
+    "OllamaCreateInput": {"type": "object", "required": ["model"], "properties": {
+        "model": {"type": "string"}, "from": {"type": "string"},
+        "system": {"type": "string"}, "template": {"type": "string"},
+        "stream": {"type": "boolean", "default": True}}},
+    "OllamaCopyInput": {"type": "object", "required": ["source", "destination"],
+                        "properties": {"source": {"type": "string"},
+                                       "destination": {"type": "string"}}},
+    "OllamaProgress": {"type": "object", "properties": {
+        "status": {"type": "string"}, "digest": {"type": "string"},
+        "total": {"type": "integer"}, "completed": {"type": "integer"},
+        "error": {"type": "string"}}},
+}
+
+TAGS = [
+    {"name": "account", "description": "Log in for a bearer token"},
+    {"name": "state", "description": "Live cluster state (public)"},
+    {"name": "config", "description": "Routing configuration"},
+    {"name": "nodes", "description": "The Ollama nodes behind the proxy"},
+    {"name": "models", "description": "Model operations across the nodes"},
+    {"name": "ollama", "description": "Ollama's own model operations, cluster-wide "
+                                      "(admin token required)"},
+]
+
+
+def build_spec(routes: Iterable[tuple]) -> dict[str, Any]:
+    """The OpenAPI document for the routes whose handlers are documented."""
+    spec = APISpec(
+        title="Aivonx management API", version=API_VERSION, openapi_version="3.0.3",
+        plugins=[TornadoPlugin()],
+        info={"description": "Manage an Aivonx cluster of Ollama nodes. Log in at "
+                             "`/api/account/login`, then send `Authorization: Bearer "
+                             "<access>`. Errors are `{\"error\": \"...\"}`."},
+        tags=TAGS)
+    spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
+    for name, schema in SCHEMAS.items():
+        spec.components.schema(name, schema)
+    for name, response in RESPONSES.items():
+        spec.components.response(name, response)
+    for route in routes:
+        spec.path(urlspec=route[:2])
+    return spec.to_dict()
