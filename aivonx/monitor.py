@@ -17,6 +17,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.ioloop import PeriodicCallback
 
 from .registry import NodeState, Registry
+from .resolver import CachingResolver
 
 log = logging.getLogger("aivonx.monitor")
 
@@ -37,7 +38,7 @@ class ProbeError(Exception):
 def make_probe_client() -> AsyncHTTPClient:
     """Probes have their own client so they never queue behind generations."""
     return AsyncHTTPClient(force_instance=True, max_clients=1000,
-                           max_body_size=MAX_PROBE_BODY)
+                           max_body_size=MAX_PROBE_BODY, resolver=CachingResolver())
 
 
 def parse_model_list(body: bytes) -> list[dict[str, Any]]:

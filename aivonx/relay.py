@@ -26,6 +26,7 @@ from tornado.iostream import IOStream
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 
 from .registry import NodeState, Registry
+from .resolver import CachingResolver
 
 log = logging.getLogger("aivonx.relay")
 
@@ -154,7 +155,7 @@ def make_upstream_client(max_body_size: int) -> UpstreamClient:
     # long generations; every request gets its own connection instead.
     return UpstreamClient(force_instance=True, max_clients=100_000,
                           max_body_size=max_body_size,
-                          max_buffer_size=max_body_size)
+                          max_buffer_size=max_body_size, resolver=CachingResolver())
 
 
 def error_body(style: str, message: str, status: int) -> bytes:
