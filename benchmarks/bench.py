@@ -397,6 +397,8 @@ class Connection(asyncio.Protocol):
         return conn
 
     def close(self) -> None:
+        """Close now; the connection counts as closed at once, not when asyncio says so."""
+        self.closed = True
         if self.transport is not None:
             self.transport.close()
 
@@ -619,7 +621,8 @@ def count_stream(reply: Reply, tally: Tally, validate: bool) -> None:
     tally.odd_reads += reply.odd_reads
     tally.http_chunks += reply.http_chunks
     tally.odd_chunks += reply.odd_chunks
-    if not reply.ok or lost or invalid or len(lines) != LINES_PER_STREAM:
+    finished = bool(lines) and b'"done":true' in lines[-1]  # not an in-band error line
+    if not reply.ok or lost or invalid or len(lines) != LINES_PER_STREAM or not finished:
         tally.errors += 1
         return
     tally.completed += 1
