@@ -19,14 +19,11 @@ import time
 from typing import Any, Callable, Protocol
 
 from tornado import httputil
-from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
-from tornado.httpclient import HTTPRequest, HTTPResponse
+from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
-from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 
 from .registry import NodeState, Registry
-from .resolver import CachingResolver
+from .upstream import ConnectionHandle, UpstreamRequest, make_upstream_client
 
 log = logging.getLogger("aivonx.relay")
 
@@ -59,103 +56,6 @@ class Sink(Protocol):
     def clear_header(self, name: str) -> None: ...
     def write(self, chunk: bytes) -> None: ...
     def flush(self) -> Any: ...
-
-
-class UpstreamRequest(HTTPRequest):
-    """An HTTPRequest carrying the handle of the connection that serves it."""
-
-    def __init__(self, url: str, handle: "ConnectionHandle", **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
-        self.connection_handle = handle
-
-
-class ConnectionHandle:
-    """Lets the relay close one request's upstream socket at any moment."""
-
-    def __init__(self) -> None:
-        self.stream: IOStream | None = None
-        self.closed_reason: str | None = None
-
-    def attach(self, stream: IOStream) -> None:
-        self.stream = stream
-        if self.closed_reason is not None:
-            stream.close()
-
-    def close(self, reason: str) -> None:
-        if self.closed_reason is None:
-            self.closed_reason = reason
-        if self.stream is not None:
-            self.stream.close()
-
-
-class _ChunkRelayingConnection(HTTP1Connection):
-    """Hands each chunk of a chunked response over as it is read.
-
-    Tornado 6.6 merges chunks that arrive in one read, and when the node
-    closes the connection right after them, the merged data is dropped
-    before it is delivered: the last tokens of a stream that broke would be
-    lost. Here every chunk is delivered before the next read, so what the
-    node sent before it died reaches the client.
-    """
-
-    async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
-        total = 0
-        while True:
-            line = await self.stream.read_until(b"\r\n", max_bytes=64)
-            try:
-                size = int(line[:-2].split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise httputil.HTTPInputError("invalid chunk size") from None
-            if size < 0:
-                raise httputil.HTTPInputError("invalid chunk size")
-            if size == 0:
-                if await self.stream.read_bytes(2) != b"\r\n":
-                    raise httputil.HTTPInputError("improperly terminated chunked response")
-                return
-            total += size
-            if total > self._max_body_size:
-                raise httputil.HTTPInputError("chunked body too large")
-            remaining = size
-            while remaining:
-                data = await self.stream.read_bytes(min(remaining, self.params.chunk_size),
-                                                    partial=True)
-                remaining -= len(data)
-                result = delegate.data_received(data)
-                if result is not None:
-                    await result
-            if await self.stream.read_bytes(2) != b"\r\n":
-                raise httputil.HTTPInputError("improperly terminated chunk")
-
-
-class _TrackedConnection(_HTTPConnection):
-    def _create_connection(self, stream: IOStream) -> HTTP1Connection:
-        handle = getattr(self.request, "connection_handle", None)
-        if handle is not None:
-            handle.attach(stream)
-        stream.set_nodelay(True)
-        return _ChunkRelayingConnection(
-            stream, True,
-            HTTP1ConnectionParameters(no_keep_alive=True,
-                                      max_header_size=self.max_header_size,
-                                      max_body_size=self.max_body_size,
-                                      decompress=bool(self.request.decompress_response)),
-            self._sockaddr)
-
-
-class UpstreamClient(SimpleAsyncHTTPClient):
-    """The default simple client (curl's reorders headers and body for small
-    responses) whose connections can be closed from outside."""
-
-    def _connection_class(self) -> type:
-        return _TrackedConnection
-
-
-def make_upstream_client(max_body_size: int) -> UpstreamClient:
-    # max_clients: the default of 10 would queue requests silently behind
-    # long generations; every request gets its own connection instead.
-    return UpstreamClient(force_instance=True, max_clients=100_000,
-                          max_body_size=max_body_size,
-                          max_buffer_size=max_body_size, resolver=CachingResolver())
 
 
 def error_body(style: str, message: str, status: int) -> bytes:
@@ -254,6 +154,7 @@ class Exchange:
         self.path = path
         self.up_headers = {k: v for k, v in headers.get_all()
                            if k.lower() not in NOT_FORWARDED_UP}
+        self.up_headers["Connection"] = "keep-alive"
         self.body = body
         self.style = style
         self.model = model
@@ -441,31 +342,40 @@ class Relay:
         if self.on_missing_model is not None:
             self.on_missing_model(node)
 
-    async def fetch(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
-        """One upstream exchange on the node the scheduler reserved."""
-        node = attempt.node
+    async def _send(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
         request = UpstreamRequest(
-            node.url + exchange.path, attempt.handle,
+            attempt.node.url + exchange.path, attempt.handle,
             method=exchange.method,
             headers=exchange.up_headers,
             body=exchange.body,
             connect_timeout=self.connect_timeout,
-            request_timeout=0,  # no total deadline: the idle watchdog below
+            request_timeout=0,  # no total deadline: the idle watchdog instead
             header_callback=attempt.on_header_line,
             streaming_callback=attempt.on_chunk,
             decompress_response=False,
             follow_redirects=False,
             allow_nonstandard_methods=True,
         )
+        try:
+            return await self.client.fetch(request, raise_error=False)
+        except Exception as exc:  # refused, reset, DNS: no HTTP answer at all
+            # Without its traceback the error does not pin this frame (and
+            # the whole exchange) in memory.
+            return HTTPResponse(request, 599, error=exc.with_traceback(None))
+
+    async def fetch(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
+        """One upstream exchange on the node the scheduler reserved."""
+        node = attempt.node
         watchdog = _IdleWatchdog(attempt, self.idle_timeout)
         ok = False
         try:
-            try:
-                response = await self.client.fetch(request, raise_error=False)
-            except Exception as exc:  # refused, reset, DNS: no HTTP answer at all
-                # Without its traceback the error does not pin this frame
-                # (and the whole exchange) in memory.
-                response = HTTPResponse(request, 599, error=exc.with_traceback(None))
+            response = await self._send(exchange, attempt)
+            if (response.code == 599 and attempt.handle.reused and attempt.status is None
+                    and not exchange.cancelled and attempt.handle.closed_reason is None):
+                # A kept-alive connection the node had already closed: that
+                # says nothing about the node. Once more on a new connection.
+                attempt.handle = ConnectionHandle(fresh_only=True)
+                response = await self._send(exchange, attempt)
             ok = response.code != 599 or exchange.cancelled
             return response
         finally:

@@ -1,0 +1,226 @@
+"""The HTTP client the relay talks to nodes with.
+
+It is Tornado's simple AsyncHTTPClient (curl's reorders headers and body
+for small responses, and raising from its callback does not stop a
+transfer) with three changes the relay needs:
+
+- each request's TCP stream is recorded in a per-request handle, so the
+  relay can close the upstream connection at any moment, also while the
+  node is silent loading a model (AsyncHTTPClient has no cancel);
+- chunked bodies are delivered chunk by chunk (see _ChunkRelayingConnection);
+- connections are kept alive and reused: opening a TCP connection per
+  request was the largest single cost of relaying a small request.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.httpclient import HTTPRequest
+from tornado.iostream import IOStream
+from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
+from tornado.tcpclient import TCPClient
+
+from .resolver import CachingResolver
+
+# Idle connections kept per node, and how long one may stay idle. Ollama
+# (Go's http.Server without an IdleTimeout) keeps them open indefinitely;
+# the limit here only stops a burst from leaving sockets behind for ever.
+MAX_IDLE_PER_NODE = 256
+MAX_IDLE_SECONDS = 30.0
+
+
+class UpstreamRequest(HTTPRequest):
+    """An HTTPRequest carrying the handle of the connection that serves it."""
+
+    def __init__(self, url: str, handle: "ConnectionHandle", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.connection_handle = handle
+
+
+class ConnectionHandle:
+    """Lets the relay close one request's upstream socket at any moment."""
+
+    def __init__(self, fresh_only: bool = False) -> None:
+        self.stream: IOStream | None = None
+        self.closed_reason: str | None = None
+        self.fresh_only = fresh_only  # never take a kept-alive connection
+        self.reused = False           # the request went out on one
+
+    def attach(self, stream: IOStream) -> None:
+        self.stream = stream
+        if self.closed_reason is not None:
+            stream.close()
+
+    def close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        if self.stream is not None:
+            self.stream.close()
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per (host, port), newest first."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple[str, int], list[tuple[float, IOStream]]] = defaultdict(list)
+
+    def take(self, key: tuple[str, int]) -> IOStream | None:
+        streams = self.idle.get(key)
+        now = time.monotonic()
+        while streams:
+            since, stream = streams.pop()
+            if stream.closed() or now - since > MAX_IDLE_SECONDS:
+                stream.close()
+                continue
+            stream.set_close_callback(None)
+            return stream
+        return None
+
+    def put(self, key: tuple[str, int], stream: IOStream) -> None:
+        streams = self.idle[key]
+        now = time.monotonic()
+        while streams and (now - streams[0][0] > MAX_IDLE_SECONDS or
+                           len(streams) >= MAX_IDLE_PER_NODE):
+            streams.pop(0)[1].close()
+        entry = (now, stream)
+        streams.append(entry)
+
+        def closed_by_node() -> None:
+            if entry in streams:
+                streams.remove(entry)
+
+        # Watching for close also notices a node that hangs up while idle.
+        stream.set_close_callback(closed_by_node)
+
+    def close(self) -> None:
+        for streams in self.idle.values():
+            for _, stream in streams:
+                stream.close()
+        self.idle.clear()
+
+
+class _PoolConnector:
+    """Stands in for the TCPClient of one request: a kept-alive connection
+    to the node when there is one, a new one otherwise."""
+
+    def __init__(self, pool: ConnectionPool, tcp_client: TCPClient,
+                 handle: ConnectionHandle) -> None:
+        self.pool = pool
+        self.tcp_client = tcp_client
+        self.handle = handle
+        self.key: tuple[str, int] | None = None
+
+    async def connect(self, host: str, port: int, **kwargs: Any) -> IOStream:
+        self.key = (host, port)
+        if not self.handle.fresh_only and kwargs.get("ssl_options") is None:
+            stream = self.pool.take(self.key)
+            if stream is not None:
+                self.handle.reused = True
+                return stream
+        return await self.tcp_client.connect(host, port, **kwargs)
+
+
+class _ChunkRelayingConnection(HTTP1Connection):
+    """Hands each chunk of a chunked response over as it is read.
+
+    Tornado 6.6 merges chunks that arrive in one read, and when the node
+    closes the connection right after them, the merged data is dropped
+    before it is delivered: the last tokens of a stream that broke would be
+    lost. Here every chunk is delivered before the next read, so what the
+    node sent before it died reaches the client.
+    """
+
+    async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
+        total = 0
+        while True:
+            line = await self.stream.read_until(b"\r\n", max_bytes=64)
+            try:
+                size = int(line[:-2].split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise httputil.HTTPInputError("invalid chunk size") from None
+            if size < 0:
+                raise httputil.HTTPInputError("invalid chunk size")
+            if size == 0:
+                if await self.stream.read_bytes(2) != b"\r\n":
+                    raise httputil.HTTPInputError("improperly terminated chunked response")
+                return
+            total += size
+            if total > self._max_body_size:
+                raise httputil.HTTPInputError("chunked body too large")
+            remaining = size
+            while remaining:
+                data = await self.stream.read_bytes(min(remaining, self.params.chunk_size),
+                                                    partial=True)
+                remaining -= len(data)
+                result = delegate.data_received(data)
+                if result is not None:
+                    await result
+            if await self.stream.read_bytes(2) != b"\r\n":
+                raise httputil.HTTPInputError("improperly terminated chunk")
+
+
+class _TrackedConnection(_HTTPConnection):
+    def __init__(self, client: "UpstreamClient", request: Any, release_callback: Any,
+                 final_callback: Any, max_buffer_size: int, tcp_client: TCPClient,
+                 max_header_size: int, max_body_size: int) -> None:
+        self.handle: ConnectionHandle | None = getattr(request, "connection_handle", None)
+        if self.handle is not None:
+            tcp_client = _PoolConnector(client.pool, tcp_client, self.handle)
+        self.keep_alive = False
+        super().__init__(client, request, release_callback, final_callback, max_buffer_size,
+                         tcp_client, max_header_size, max_body_size)
+
+    def _create_connection(self, stream: IOStream) -> HTTP1Connection:
+        if self.handle is not None:
+            self.handle.attach(stream)
+        stream.set_nodelay(True)
+        return _ChunkRelayingConnection(
+            stream, True,
+            HTTP1ConnectionParameters(no_keep_alive=self.handle is None,
+                                      max_header_size=self.max_header_size,
+                                      max_body_size=self.max_body_size,
+                                      decompress=bool(self.request.decompress_response)),
+            self._sockaddr)
+
+    async def headers_received(self, first_line: Any, headers: httputil.HTTPHeaders) -> None:
+        self.keep_alive = (first_line.version == "HTTP/1.1" and
+                           headers.get("Connection", "").lower() != "close")
+        await super().headers_received(first_line, headers)
+
+    def _on_end_request(self) -> None:
+        """The whole response was read: keep the connection for the next
+        request to this node, unless either side wants it closed."""
+        connector = self.tcp_client
+        if (self.keep_alive and isinstance(connector, _PoolConnector) and
+                connector.key is not None and not self.stream.closed() and
+                self.handle is not None and self.handle.closed_reason is None):
+            stream = self.connection.detach()
+            self.handle.stream = None  # a later cancel must not close it
+            connector.pool.put(connector.key, stream)
+            return
+        self.stream.close()
+
+
+class UpstreamClient(SimpleAsyncHTTPClient):
+    def initialize(self, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(**kwargs)
+        self.pool = ConnectionPool()
+
+    def _connection_class(self) -> type:
+        return _TrackedConnection
+
+    def close(self) -> None:
+        self.pool.close()
+        super().close()
+
+
+def make_upstream_client(max_body_size: int) -> UpstreamClient:
+    # max_clients: the default of 10 would queue requests silently behind
+    # long generations; every request gets its own connection instead.
+    return UpstreamClient(force_instance=True, max_clients=100_000,
+                          max_body_size=max_body_size,
+                          max_buffer_size=max_body_size, resolver=CachingResolver())
