@@ -18,30 +18,19 @@ from ..auth import admin_required
 from ..registry import NodeState
 from .base import ApiError
 from .manage import ManageHandler
+from .relayed import check_types
 
 
-def _string(body: dict[str, Any], *fields: str) -> str | None:
-    for field in fields:
-        value = body.get(field)
-        if value is not None:
-            if not isinstance(value, str):
-                raise ApiError(400, f"invalid value for '{field}': expected a string")
-            return value
-    return None
-
-
-def _flag(body: dict[str, Any], field: str, default: bool) -> bool:
-    value = body.get(field)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ApiError(400, f"invalid value for '{field}': expected a boolean")
-    return value
+# The fields the handlers read; others go to the nodes as they came.
+FIELDS: dict[str, tuple[type, ...]] = {
+    "model": (str,), "name": (str,), "from": (str,), "source": (str,),
+    "destination": (str,), "stream": (bool,), "insecure": (bool,),
+}
 
 
 def _model(body: dict[str, Any], *fields: str) -> str:
     """The model a request names, checked by Ollama's naming rules."""
-    name = _string(body, *(fields or ("model", "name")))
+    name = next((body[f] for f in fields or ("model", "name") if body.get(f) is not None), None)
     if name is None or not name.strip():
         raise ApiError(400, "model is required")
     try:
@@ -62,6 +51,12 @@ class ModelOpHandler(ManageHandler):
 
     def on_connection_close(self) -> None:
         self.cancel.cancel()
+
+    async def request_body(self) -> dict[str, Any]:
+        """The JSON body, with the fields read here of the right types."""
+        body = await self.json_body()
+        check_types(body, FIELDS)
+        return body
 
     def routable(self) -> list[NodeState]:
         nodes = sorted(self.ctx.registry.routable(), key=lambda n: n.id)
@@ -146,10 +141,10 @@ class ProxyPullHandler(ModelOpHandler):
           502: {description: The pull failed on some node, content: {application/json: {schema: PullSummary}}}
           503: Unavailable
         """
-        body = await self.json_body()
+        body = await self.request_body()
         model = _model(body, "model")
-        stream = _flag(body, "stream", True)
-        insecure = _flag(body, "insecure", False)
+        stream = body.get("stream") is not False
+        insecure = body.get("insecure") is True
         wanted = body.get("node_id")
         if wanted is None:
             targets = self.routable()
@@ -205,10 +200,10 @@ class PullHandler(ModelOpHandler):
           500: ServerError
           503: Unavailable
         """
-        body = await self.json_body()
+        body = await self.request_body()
         _model(body)
         await self.progress_op("pull", "/api/pull", body, self.routable(),
-                               _flag(body, "stream", True))
+                               body.get("stream") is not False)
 
 
 class CreateHandler(ModelOpHandler):
@@ -227,9 +222,9 @@ class CreateHandler(ModelOpHandler):
           500: ServerError
           503: Unavailable
         """
-        body = await self.json_body()
+        body = await self.request_body()
         _model(body)
-        source = _string(body, "from")
+        source = body.get("from")
         targets = []
         if source:
             try:
@@ -237,7 +232,7 @@ class CreateHandler(ModelOpHandler):
             except modelnames.InvalidModelName:
                 pass  # a file path or blob: every node
         await self.progress_op("create", "/api/create", body, targets or self.routable(),
-                               _flag(body, "stream", True))
+                               body.get("stream") is not False)
 
 
 class PushHandler(ModelOpHandler):
@@ -256,13 +251,13 @@ class PushHandler(ModelOpHandler):
           404: NotFound
           500: ServerError
         """
-        body = await self.json_body()
+        body = await self.request_body()
         model = _model(body)
         nodes = modelops.having(self.ctx, model)
         if not nodes:
             raise ApiError(404, f'model "{model[:200]}" not found')
         await self.progress_op("push", "/api/push", body, [modelops.newest_copy(nodes, model)],
-                               _flag(body, "stream", True), reprobe=False)
+                               body.get("stream") is not False, reprobe=False)
 
 
 class CopyHandler(ModelOpHandler):
@@ -281,10 +276,10 @@ class CopyHandler(ModelOpHandler):
           404: NotFound
           500: ServerError
         """
-        body = await self.json_body()
+        body = await self.request_body()
         names = {}
         for role in ("source", "destination"):
-            value = _string(body, role) or ""
+            value = body.get(role) or ""
             try:
                 modelnames.canonical(value)
             except modelnames.InvalidModelName:
@@ -326,7 +321,7 @@ class DeleteHandler(ModelOpHandler):
           500: ServerError
           503: Unavailable
         """
-        body = await self.json_body()
+        body = await self.request_body()
         _model(body)
         targets = self.routable()
         results = await pulls.call_nodes(self.ctx, targets, "DELETE", "/api/delete", body, None,
