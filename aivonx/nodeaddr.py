@@ -40,7 +40,10 @@ def split_address(text: str) -> tuple[str, int | None]:
     if len(text) > 300:
         raise InvalidAddress("address is too long")
     has_scheme = "://" in text
-    parts = urlsplit(text if has_scheme else "http://" + text)
+    try:
+        parts = urlsplit(text if has_scheme else "http://" + text)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise InvalidAddress(f"invalid address: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise InvalidAddress("address scheme must be http or https")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:

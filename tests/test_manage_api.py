@@ -196,6 +196,8 @@ async def test_node_crud_and_pagination(io_loop, make_proxy):
     ({"address": "http://h/path"}, {"address": "address must be a host, an IP or an http(s) "
                                                "URL without a path"}),
     ({"address": 42}, {"address": "address must be a string"}),
+    ({"address": "http://[::1"}, {"address": "invalid address: Invalid IPv6 URL"}),
+    ({"address": "[fe80::1"}, {"address": "invalid address: Invalid IPv6 URL"}),
     ({"address": "h", "port": 0}, {"port": "port must be an integer between 1 and 65535"}),
     ({"address": "h", "port": 65536}, {"port": "port must be an integer between 1 and 65535"}),
     ({"address": "h", "port": "abc"}, {"port": "port must be an integer between 1 and 65535"}),
