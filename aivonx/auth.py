@@ -38,7 +38,7 @@ MAX_SCRYPT_N = 2 ** 20
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024   # hashing cost grows with the input: bound it
 MAX_TOKEN = 200
-USERNAME = re.compile(r"^[A-Za-z0-9@.+_-]{1,150}$")
+USERNAME = re.compile(r"[A-Za-z0-9@.+_-]{1,150}")  # whole string (fullmatch)
 
 TOKEN_LIFETIMES = {
     "access": datetime.timedelta(hours=1),
@@ -178,7 +178,7 @@ class Auth:
         if wait is not None:
             raise AuthError(429, f"too many failed logins; try again in {wait} s", wait)
         user = store.User.get_or_none(store.User.username == username) \
-            if USERNAME.match(username) else None
+            if USERNAME.fullmatch(username) else None
         if user is None:
             # Spend the same time as for a real user: no probing for names.
             if self._dummy_hash is None:
@@ -254,7 +254,7 @@ class Auth:
         """Set a user's password, creating the user if needed (returns True
         then). Every token the user had is revoked. ValueError when the
         username or password is not acceptable."""
-        if not isinstance(username, str) or not USERNAME.match(username):
+        if not isinstance(username, str) or not USERNAME.fullmatch(username):
             raise ValueError("username must be 1-150 letters, digits or @.+_-")
         hashed = await _in_executor(hash_password, check_new_password(password))
         user = store.User.get_or_none(store.User.username == username)

@@ -269,3 +269,13 @@ async def test_passwd_command_sets_a_password_and_revokes_tokens(io_loop, make_p
     assert await login(proxy, "ops", "ops-password")
     code, out = await run_passwd("root", "--db", db, stdin=b"short\n")
     assert code == 1 and "at least 8 characters" in out
+
+
+async def test_usernames_are_checked_whole(io_loop, make_proxy):
+    proxy = await make_proxy()
+    for name in ("root\n", "a b", "", "x" * 151):
+        with pytest.raises(ValueError):
+            await proxy.ctx.auth.set_password(name, "long-enough-password")
+    answer = await call(proxy, "POST", "/api/account/login",
+                        {"username": "root\n", "password": ROOT_PASSWORD})
+    assert answer.code == 401
