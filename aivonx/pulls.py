@@ -20,9 +20,8 @@ from typing import Any, Awaitable, Callable
 from tornado.httpclient import HTTPResponse
 
 from .registry import NodeState
-from .relay import ConnectionHandle, UpstreamRequest
-from .relay import _describe as describe_failure  # noqa: PLC2701 - one relay, one wording
-from .relay import _IdleWatchdog as IdleWatchdog  # noqa: PLC2701 - reuse, not a copy
+from .relay import IdleWatchdog, describe_failure
+from .upstream import ConnectionHandle, UpstreamRequest
 
 log = logging.getLogger("aivonx.pulls")
 

@@ -98,20 +98,10 @@ class Attempt:
         self.first_chunk_at: float | None = None
         self.last_activity = self.started
 
-    def on_header_line(self, line: str) -> None:
+    def on_head(self, status: int, reason: str, headers: httputil.HTTPHeaders) -> None:
         self.last_activity = time.monotonic()
-        if line.startswith("HTTP/"):
-            start = httputil.parse_response_start_line(line.strip())
-            self.status, self.reason = start.code, start.reason
-            self.headers = httputil.HTTPHeaders()
-            return
-        if self.status is None:
-            return
-        if line in ("\r\n", "\n"):
-            if self.status >= 200:
-                self._head_complete()
-            return
-        self.headers.parse_line(line)
+        self.status, self.reason, self.headers = status, reason, headers
+        self._head_complete()
 
     def _head_complete(self) -> None:
         assert self.status is not None
@@ -241,7 +231,7 @@ class Exchange:
                 if attempt.status == 404:
                     self.relay.model_missing(node)
             else:
-                last_error = f"node {node.name} failed: {_describe(response, attempt.handle)}"
+                last_error = f"node {node.name} failed: {describe_failure(response, attempt.handle)}"
                 self.relay.node_failed(node, last_error)
             self.relay.metrics.failure(node.name, self.model, "status" if attempt.status
                                        else "connect")
@@ -266,7 +256,7 @@ class Exchange:
             return
         node = attempt.node
         message = (f"upstream node {node.name} failed mid-response: "
-                   f"{_describe(response, attempt.handle)}")
+                   f"{describe_failure(response, attempt.handle)}")
         log.warning(message)
         self.relay.metrics.failure(node.name, self.model, "midstream")
         self.relay.transport_failed(node, message)
@@ -294,7 +284,7 @@ class Exchange:
         sink.write(error_body(self.style, message, status))
 
 
-def _describe(response: HTTPResponse, handle: ConnectionHandle) -> str:
+def describe_failure(response: HTTPResponse, handle: ConnectionHandle) -> str:
     if handle.closed_reason is not None:
         return handle.closed_reason
     error = response.error
@@ -344,13 +334,12 @@ class Relay:
 
     async def _send(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
         request = UpstreamRequest(
-            attempt.node.url + exchange.path, attempt.handle,
+            attempt.node.url + exchange.path, attempt.handle, attempt.on_head,
             method=exchange.method,
             headers=exchange.up_headers,
             body=exchange.body,
             connect_timeout=self.connect_timeout,
             request_timeout=0,  # no total deadline: the idle watchdog instead
-            header_callback=attempt.on_header_line,
             streaming_callback=attempt.on_chunk,
             decompress_response=False,
             follow_redirects=False,
@@ -366,7 +355,7 @@ class Relay:
     async def fetch(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
         """One upstream exchange on the node the scheduler reserved."""
         node = attempt.node
-        watchdog = _IdleWatchdog(attempt, self.idle_timeout)
+        watchdog = IdleWatchdog(attempt, self.idle_timeout)
         ok = False
         try:
             response = await self._send(exchange, attempt)
@@ -392,7 +381,7 @@ class Relay:
         self.client.close()
 
 
-class _IdleWatchdog:
+class IdleWatchdog:
     """Closes the upstream connection when no byte arrived for `timeout`
     seconds. One timer per request, re-armed lazily, not per chunk."""
 

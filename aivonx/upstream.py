@@ -14,8 +14,9 @@ transfer) with three changes the relay needs:
 from __future__ import annotations
 
 import time
+from asyncio import Future
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
@@ -31,14 +32,21 @@ from .resolver import CachingResolver
 # the limit here only stops a burst from leaving sockets behind for ever.
 MAX_IDLE_PER_NODE = 256
 MAX_IDLE_SECONDS = 30.0
+# Request bodies up to this size are sent in one piece with the head.
+SEND_WITH_HEAD = 64 * 1024
 
 
 class UpstreamRequest(HTTPRequest):
-    """An HTTPRequest carrying the handle of the connection that serves it."""
+    """An HTTPRequest carrying the handle of the connection that serves it,
+    and a callback for the parsed response head (header_callback would make
+    Tornado format every header line for the relay to parse again)."""
 
-    def __init__(self, url: str, handle: "ConnectionHandle", **kwargs: Any) -> None:
+    def __init__(self, url: str, handle: "ConnectionHandle",
+                 on_head: Callable[[int, str, httputil.HTTPHeaders], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self.connection_handle = handle
+        self.on_head = on_head
 
 
 class ConnectionHandle:
@@ -125,14 +133,39 @@ class _PoolConnector:
 
 
 class _ChunkRelayingConnection(HTTP1Connection):
-    """Hands each chunk of a chunked response over as it is read.
+    """Sends a small request in one piece and hands each chunk of a chunked
+    response over as it is read.
 
-    Tornado 6.6 merges chunks that arrive in one read, and when the node
-    closes the connection right after them, the merged data is dropped
-    before it is delivered: the last tokens of a stream that broke would be
-    lost. Here every chunk is delivered before the next read, so what the
-    node sent before it died reaches the client.
+    Tornado writes a request's head and body with two sends; every send
+    costs a trip through the kernel (on loopback it also runs the
+    receiver's TCP processing), so a small body goes out with the head.
+
+    Tornado 6.6 merges response chunks that arrive in one read, and when
+    the node closes the connection right after them, the merged data is
+    dropped before it is delivered: the last tokens of a stream that broke
+    would be lost. Here every chunk is delivered before the next read, so
+    what the node sent before it died reaches the client.
     """
+
+    def __init__(self, *args: Any, body: bytes | None = None) -> None:
+        super().__init__(*args)
+        self._body_with_head = body if body and len(body) <= SEND_WITH_HEAD else None
+
+    def write_headers(self, start_line: Any, headers: httputil.HTTPHeaders,
+                      chunk: bytes | None = None) -> Future:
+        if chunk is None and self._body_with_head is not None:
+            chunk = self._body_with_head
+        else:
+            self._body_with_head = None
+        return super().write_headers(start_line, headers, chunk)
+
+    def write(self, chunk: bytes) -> Future:
+        if chunk is self._body_with_head:  # already sent with the head
+            self._body_with_head = None
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        return super().write(chunk)
 
     async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
         total = 0
@@ -151,6 +184,16 @@ class _ChunkRelayingConnection(HTTP1Connection):
             total += size
             if total > self._max_body_size:
                 raise httputil.HTTPInputError("chunked body too large")
+            if size + 2 <= self.params.chunk_size:
+                # The usual case, one NDJSON line or SSE event: the data and
+                # its CRLF in one read.
+                data = await self.stream.read_bytes(size + 2)
+                if data[-2:] != b"\r\n":
+                    raise httputil.HTTPInputError("improperly terminated chunk")
+                result = delegate.data_received(data[:-2])
+                if result is not None:
+                    await result
+                continue
             remaining = size
             while remaining:
                 data = await self.stream.read_bytes(min(remaining, self.params.chunk_size),
@@ -184,12 +227,15 @@ class _TrackedConnection(_HTTPConnection):
                                       max_header_size=self.max_header_size,
                                       max_body_size=self.max_body_size,
                                       decompress=bool(self.request.decompress_response)),
-            self._sockaddr)
+            self._sockaddr, body=self.request.body)
 
     async def headers_received(self, first_line: Any, headers: httputil.HTTPHeaders) -> None:
         self.keep_alive = (first_line.version == "HTTP/1.1" and
                            headers.get("Connection", "").lower() != "close")
         await super().headers_received(first_line, headers)
+        on_head = getattr(self.request, "on_head", None)
+        if on_head is not None and first_line.code >= 200:
+            on_head(first_line.code, first_line.reason, headers)
 
     def _on_end_request(self) -> None:
         """The whole response was read: keep the connection for the next
