@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from typing import Any
 
 import tornado.web
@@ -23,7 +24,19 @@ from .settings import Settings
 
 log = logging.getLogger("aivonx")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # templates/, static/
+
+
+def _asset_root() -> str:
+    """Where templates/ and static/ are: beside the package in a checkout,
+    under <prefix>/share/aivonx after `pip install .`."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (checkout, os.path.join(sys.prefix, "share", "aivonx")):
+        if os.path.isdir(os.path.join(root, "templates")):
+            return root
+    return checkout
+
+
+ROOT = _asset_root()
 
 
 class Context:
