@@ -65,6 +65,35 @@ def _port(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+# Flags that map one-to-one onto a Settings field:
+# (flag, environment variable, parse, help; the default is the field's).
+_SIMPLE_FLAGS = [
+    ("--host", "AIVONX_HOST", str, "address to listen on"),
+    ("--port", "AIVONX_PORT", _port, "port to listen on"),
+    ("--db", "AIVONX_DB", str, "SQLite database path"),
+    ("--health-interval", "AIVONX_HEALTH_INTERVAL", _positive_float,
+     "seconds between node probes"),
+    ("--connect-timeout", "AIVONX_CONNECT_TIMEOUT", _positive_float,
+     "seconds to connect to a node"),
+    ("--idle-timeout", "AIVONX_IDLE_TIMEOUT", _positive_float,
+     "seconds without a byte from a node before its request is given up; "
+     "there is no total deadline"),
+    ("--max-queue", "AIVONX_MAX_QUEUE", _positive_int,
+     "requests that may wait for a free node slot"),
+    ("--max-wait", "AIVONX_MAX_WAIT", _positive_float,
+     "seconds a request may wait for a slot before a 503"),
+    ("--shutdown-grace", "AIVONX_SHUTDOWN_GRACE", _positive_float,
+     "seconds in-flight requests get to finish on SIGTERM"),
+]
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The serve command's flags; defaults come from AIVONX_* variables."""
     env = os.environ if environ is None else environ
@@ -72,45 +101,18 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser = argparse.ArgumentParser(
         prog="aivonx", description="Load-balancing reverse proxy for Ollama."
     )
-    parser.add_argument("--host", default=_env(env, "AIVONX_HOST") or defaults.host,
-                        help="address to listen on (AIVONX_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=_port,
-                        default=_port(_env(env, "AIVONX_PORT") or str(defaults.port)),
-                        help="port to listen on (AIVONX_PORT, default 8000)")
-    parser.add_argument("--db", default=_env(env, "AIVONX_DB") or defaults.db,
-                        help="SQLite database path (AIVONX_DB, default ./aivonx.db)")
+    for flag, variable, parse, help_text in _SIMPLE_FLAGS:
+        field = flag[2:].replace("-", "_")
+        default = getattr(defaults, field)
+        shown = f"{default:g}" if isinstance(default, float) else default
+        parser.add_argument(flag, dest=field, type=parse,
+                            default=parse(_env(env, variable) or str(default)),
+                            help=f"{help_text} ({variable}, default {shown})")
     env_nodes = [n.strip() for n in (_env(env, "AIVONX_NODES") or "").split(",") if n.strip()]
     parser.add_argument("--node", dest="nodes", action="append", default=None,
                         metavar="URL",
                         help="an Ollama node, e.g. http://gpu1:11434; repeatable "
                              "(AIVONX_NODES, comma-separated)")
-    parser.add_argument("--health-interval", type=_positive_float,
-                        default=_positive_float(_env(env, "AIVONX_HEALTH_INTERVAL")
-                                                or str(defaults.health_interval)),
-                        help="seconds between node probes (AIVONX_HEALTH_INTERVAL, default 10)")
-    parser.add_argument("--connect-timeout", type=_positive_float,
-                        default=_positive_float(_env(env, "AIVONX_CONNECT_TIMEOUT")
-                                                or str(defaults.connect_timeout)),
-                        help="seconds to connect to a node (AIVONX_CONNECT_TIMEOUT, default 5)")
-    parser.add_argument("--idle-timeout", type=_positive_float,
-                        default=_positive_float(_env(env, "AIVONX_IDLE_TIMEOUT")
-                                                or str(defaults.idle_timeout)),
-                        help="seconds without a byte from a node before its request is given "
-                             "up; there is no total deadline (AIVONX_IDLE_TIMEOUT, default 600)")
-    parser.add_argument("--max-queue", type=int,
-                        default=int(_env(env, "AIVONX_MAX_QUEUE") or defaults.max_queue),
-                        help="requests that may wait for a free node slot (AIVONX_MAX_QUEUE, "
-                             "default 512)")
-    parser.add_argument("--max-wait", type=_positive_float,
-                        default=_positive_float(_env(env, "AIVONX_MAX_WAIT")
-                                                or str(defaults.max_wait)),
-                        help="seconds a request may wait for a slot before a 503 "
-                             "(AIVONX_MAX_WAIT, default 120)")
-    parser.add_argument("--shutdown-grace", type=_positive_float,
-                        default=_positive_float(_env(env, "AIVONX_SHUTDOWN_GRACE")
-                                                or str(defaults.shutdown_grace)),
-                        help="seconds in-flight requests get to finish on SIGTERM "
-                             "(AIVONX_SHUTDOWN_GRACE, default 30)")
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         default=(_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level).lower(),
                         help="log verbosity (AIVONX_LOG_LEVEL, default info)")
@@ -121,12 +123,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     nodes = args.nodes if args.nodes is not None else args.env_nodes
-    return Settings(host=args.host, port=args.port, db=args.db, nodes=list(nodes),
-                    health_interval=args.health_interval, log_level=args.log_level,
-                    connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout,
-                    max_queue=args.max_queue, max_wait=args.max_wait,
-                    shutdown_grace=args.shutdown_grace,
-                    root_password=args.root_password)
+    simple = {flag[2:].replace("-", "_") for flag, *_ in _SIMPLE_FLAGS}
+    return Settings(nodes=list(nodes), log_level=args.log_level,
+                    root_password=args.root_password,
+                    **{name: getattr(args, name) for name in simple})
 
 
 def parse_settings(argv: Sequence[str] | None = None,

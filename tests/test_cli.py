@@ -72,3 +72,15 @@ async def test_bad_flags_are_refused(io_loop):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2 and b"port must be" in err
+
+
+def test_flags_win_over_the_environment_which_wins_over_defaults():
+    from aivonx.settings import parse_settings
+    env = {"AIVONX_PORT": "9000", "AIVONX_MAX_WAIT": "7", "AIVONX_NODES": "http://a, http://b",
+           "ROOT_PASSWORD": "pw"}
+    settings = parse_settings(["--port", "9001", "--max-queue", "3"], env)
+    assert (settings.port, settings.max_queue, settings.max_wait) == (9001, 3, 7.0)
+    assert settings.nodes == ["http://a", "http://b"] and settings.root_password == "pw"
+    assert parse_settings(["--node", "http://c"], env).nodes == ["http://c"]
+    defaults = parse_settings([], {})
+    assert (defaults.host, defaults.port, defaults.health_interval) == ("127.0.0.1", 8000, 10.0)
