@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 from typing import Any
 
 import peewee
@@ -23,6 +24,8 @@ from .router import STRATEGIES
 log = logging.getLogger("aivonx.nodes")
 
 MAX_NAME = 100
+MAX_SLOTS = 1024     # parallel requests a node takes before requests queue
+MAX_WEIGHT = 100.0   # relative capacity; weights above this say nothing more
 _background: set[asyncio.Future] = set()
 
 
@@ -40,7 +43,8 @@ def node_dict(node: store.Node) -> dict[str, Any]:
     if isinstance(created, datetime.datetime):
         created = created.replace(tzinfo=datetime.timezone.utc).isoformat()
     return {"id": node.id, "name": node.name, "address": node.address, "port": node.port,
-            "active": node.active, "created_at": created}
+            "active": node.active, "slots": node.slots, "weight": node.weight,
+            "created_at": created}
 
 
 def _port(value: Any) -> int:
@@ -50,6 +54,23 @@ def _port(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError("port must be an integer between 1 and 65535")
     return value
+
+
+def _slots(value: Any) -> int:
+    """A JSON integer 1-MAX_SLOTS: no strings, booleans or fractions."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SLOTS:
+        raise ValueError(f"slots must be an integer between 1 and {MAX_SLOTS}")
+    return value
+
+
+def _weight(value: Any) -> float:
+    """A JSON number above 0 and at most MAX_WEIGHT (NaN and infinities are
+    not numbers here)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))
+            or not 0 < value <= MAX_WEIGHT):
+        raise ValueError(f"weight must be a number greater than 0 and at most {MAX_WEIGHT:g}")
+    return float(value)
 
 
 def _name(value: Any) -> str:
@@ -71,7 +92,7 @@ def _clean(data: Any, current: store.Node | None, partial: bool) -> dict[str, An
         raise ValidationError({"non_field_errors": "expected a JSON object"})
     errors: dict[str, str] = {}
     out: dict[str, Any] = {}
-    for field in ("name", "address", "port", "active"):
+    for field in ("name", "address", "port", "active", "slots", "weight"):
         if field in data and data[field] is None:
             errors[field] = "may not be null"
     if "address" not in data and not partial:
@@ -103,6 +124,12 @@ def _clean(data: Any, current: store.Node | None, partial: bool) -> dict[str, An
             out["active"] = data["active"]
         else:
             errors["active"] = "must be true or false"
+    for field, check in (("slots", _slots), ("weight", _weight)):
+        if data.get(field) is not None:
+            try:
+                out[field] = check(data[field])
+            except ValueError as exc:
+                errors[field] = str(exc)
     if errors:
         raise ValidationError(errors)
     address = out.get("address", current.address if current else None)
@@ -151,7 +178,9 @@ def create_node(ctx: Any, data: dict[str, Any]) -> store.Node:
 def update_node(ctx: Any, node_id: int, data: dict[str, Any], partial: bool) -> store.Node:
     """Change a node (PUT: address required; PATCH: any subset). Moving it
     voids what was known about the old machine; re-enabling it or moving it
-    probes it at once; disabling it drains it (requests in flight finish)."""
+    probes it at once; disabling it drains it (requests in flight finish).
+    New slots or weight apply to the next routing decision: more slots hand
+    waiting requests to the node at once, fewer let the ones in flight finish."""
     node = store.Node.get_or_none(store.Node.id == node_id)
     if node is None:
         raise LookupError(node_id)

@@ -47,6 +47,13 @@ NODE_FIELDS = {
              "default": 11434},
     "active": {"type": "boolean", "default": True,
                "description": "false drains the node: nothing new is routed to it"},
+    "slots": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 4, "example": 4,
+              "description": "Requests the node serves at once (Ollama's parallelism, "
+                             "`OLLAMA_NUM_PARALLEL`); more wait in the proxy's queue"},
+    "weight": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 100,
+               "default": 1.0, "example": 1.0,
+               "description": "Relative capacity for unequal hardware: a node of weight 3 "
+                              "gets three times the share of one of weight 1"},
 }
 
 SCHEMAS: dict[str, dict[str, Any]] = {

@@ -132,9 +132,11 @@ async def test_a_new_node_is_probed_and_routed_to_at_once(io_loop, make_node, ma
                         token=token)
     assert answer.code == 201, answer
     node = answer.json
-    assert set(node) == {"id", "name", "address", "port", "active", "created_at"}
+    assert set(node) == {"id", "name", "address", "port", "active", "slots", "weight",
+                         "created_at"}
     assert (node["name"], node["address"], node["port"], node["active"]) == (
         "gpu2", "127.0.0.1", second.port, True)
+    assert (node["slots"], node["weight"]) == (4, 1.0)  # Ollama's parallelism, equal share
     assert node["created_at"].endswith("+00:00")
     assert answer.headers["Location"] == f"/api/proxy/nodes/{node['id']}"
     # In the state at once; routable as soon as its probe answered (no
@@ -209,6 +211,18 @@ async def test_node_crud_and_pagination(io_loop, make_proxy):
     ({"address": "h", "name": "a\nb"}, {"name": "name may not contain control characters"}),
     ({"address": "h", "active": "yes"}, {"active": "must be true or false"}),
     ({"address": None, "port": None}, {"address": "may not be null", "port": "may not be null"}),
+    *[({"address": "h", "slots": bad}, {"slots": "slots must be an integer between 1 and 1024"})
+      for bad in (0, -1, 1025, 10 ** 30, 2.5, 4.0, "4", True, [4], {"n": 4})],
+    *[({"address": "h", "weight": bad},
+       {"weight": "weight must be a number greater than 0 and at most 100"})
+      for bad in (0, 0.0, -1, 100.5, 10 ** 400, float("nan"), float("inf"), float("-inf"),
+                  "3", True, False, [1])],
+    ({"address": "h", "slots": None, "weight": None},
+     {"slots": "may not be null", "weight": "may not be null"}),
+    ({"address": "h", "port": 0, "slots": 0, "weight": 0},
+     {"port": "port must be an integer between 1 and 65535",
+      "slots": "slots must be an integer between 1 and 1024",
+      "weight": "weight must be a number greater than 0 and at most 100"}),
 ])
 async def test_node_validation_names_each_bad_field(io_loop, make_proxy, body, fields):
     proxy = await make_proxy(health_interval=3600)
@@ -325,3 +339,111 @@ async def test_node_changes_persist_across_a_restart(io_loop, make_node, make_pr
     assert proxy.node(node).status == "drained"
     state = json.loads((await call(proxy, "GET", "/api/proxy/state")).text)
     assert state["active"] == [] and state["standby"] == [node.url]
+
+
+async def test_slots_set_through_the_api_make_requests_queue(io_loop, make_node, make_proxy):
+    node = await make_node(chunks=6, chunk_delay=0.1)
+    proxy = await make_proxy([node], max_queue=1)
+    token = await login(proxy)
+    node_id = proxy.node(node).id
+    answer = await call(proxy, "PATCH", f"/api/proxy/nodes/{node_id}", {"slots": 1},
+                        token=token)
+    assert answer.code == 200 and answer.json["slots"] == 1
+    assert proxy.node(node).slots == 1  # the router has it at once
+    client = ollama.AsyncClient(host=proxy.url)
+    first = asyncio.ensure_future(client.generate(model="llama3", prompt="a", stream=False))
+    await wait_for(lambda: proxy.node(node).active_requests == 1)
+    second = asyncio.ensure_future(client.generate(model="llama3", prompt="b", stream=False))
+    await wait_for(lambda: proxy.ctx.scheduler.depth == 1)
+    state = (await call(proxy, "GET", "/api/proxy/state")).json
+    assert state["queue"]["depth"] == 1 and state["nodes"][0]["slots"] == 1
+    # The queue holds one: a third request is turned away, told when to retry.
+    with pytest.raises(ollama.ResponseError) as busy:
+        await client.generate(model="llama3", prompt="c", stream=False)
+    assert busy.value.status_code == 503 and "server busy" in busy.value.error
+    third = await call(proxy, "POST", "/api/generate", {"model": "llama3", "prompt": "d"})
+    assert third.code == 503 and int(third.headers["Retry-After"]) >= 1
+    assert (await first).done and (await second).done
+    records = node.requests_to("/api/generate")
+    assert [r.json["prompt"] for r in records] == ["a", "b"]
+    assert records[1].started_at >= records[0].finished_at  # it waited for the slot
+
+
+async def test_more_slots_serve_a_waiting_request_at_once(io_loop, make_node, make_proxy):
+    node = await make_node(chunks=10, chunk_delay=0.1)
+    proxy = await make_proxy([node])
+    token = await login(proxy)
+    url = f"/api/proxy/nodes/{proxy.node(node).id}"
+    await call(proxy, "PATCH", url, {"slots": 1}, token=token)
+    client = ollama.AsyncClient(host=proxy.url)
+    first = asyncio.ensure_future(client.generate(model="llama3", prompt="a", stream=False))
+    await wait_for(lambda: proxy.node(node).active_requests == 1)
+    second = asyncio.ensure_future(client.generate(model="llama3", prompt="b", stream=False))
+    await wait_for(lambda: proxy.ctx.scheduler.depth == 1)
+    answer = await call(proxy, "PATCH", url, {"slots": 2}, token=token)
+    assert answer.code == 200 and answer.json["slots"] == 2
+    # The waiter leaves the queue without waiting for the first to finish.
+    await wait_for(lambda: len(node.requests_to("/api/generate")) == 2, timeout=0.5)
+    assert not first.done() and proxy.ctx.scheduler.depth == 0
+    await asyncio.gather(first, second)
+
+
+async def test_weights_set_through_the_api_split_round_robin_3_to_1(io_loop, make_node,
+                                                                   make_proxy):
+    small, big = await make_node(), await make_node()
+    proxy = await make_proxy([small, big])
+    token = await login(proxy)
+    await call(proxy, "PUT", "/api/proxy/config", {"strategy": "round_robin"}, token=token)
+    answer = await call(proxy, "PATCH", f"/api/proxy/nodes/{proxy.node(big).id}",
+                        {"weight": 3}, token=token)
+    assert answer.code == 200 and answer.json["weight"] == 3.0
+    for _ in range(12):
+        await generate_on(proxy)
+    assert served(small, big) == [3, 9]
+    weights = {n["url"]: n["weight"] for n in
+               (await call(proxy, "GET", "/api/proxy/state")).json["nodes"]}
+    assert weights == {small.url: 1.0, big.url: 3.0}
+
+
+async def test_bad_slots_or_weight_change_nothing(io_loop, make_node, make_proxy):
+    node = await make_node()
+    proxy = await make_proxy([node], health_interval=3600)
+    token = await login(proxy)
+    url = f"/api/proxy/nodes/{proxy.node(node).id}"
+    for body in ({"slots": 0}, {"weight": 0}, {"slots": 2, "weight": "heavy"},
+                 {"name": "renamed", "slots": 2048}):
+        for method in ("PATCH", "PUT"):
+            answer = await call(proxy, method, url, {"address": node.url, **body},
+                                token=token)
+            assert answer.code == 400 and answer.json["error"] == "validation failed", answer
+    one = (await call(proxy, "GET", url, token=token)).json
+    assert (one["slots"], one["weight"], one["name"]) == (4, 1.0, proxy.node(node).name)
+    assert (proxy.node(node).slots, proxy.node(node).weight) == (4, 1.0)
+    # A PUT that leaves them out keeps them.
+    await call(proxy, "PATCH", url, {"slots": 8, "weight": 0.5}, token=token)
+    answer = await call(proxy, "PUT", url, {"address": node.url, "name": "n"}, token=token)
+    assert (answer.json["slots"], answer.json["weight"]) == (8, 0.5)
+
+
+async def test_slots_and_weight_persist_across_a_restart(io_loop, make_node, make_proxy,
+                                                        tmp_path):
+    node = await make_node()
+    db = str(tmp_path / "capacity.db")
+    proxy = await make_proxy([node], db=db, health_interval=3600)
+    token = await login(proxy)
+    node_id = proxy.node(node).id
+    created = (await call(proxy, "POST", "/api/proxy/nodes",
+                          {"address": "gpu9", "slots": 16, "weight": 2.5}, token=token)).json
+    assert (created["slots"], created["weight"]) == (16, 2.5)
+    await call(proxy, "PATCH", f"/api/proxy/nodes/{node_id}", {"slots": 1, "weight": 0.25},
+               token=token)
+    await proxy.stop()
+    proxy = await make_proxy([node], db=db, health_interval=3600)
+    token = await login(proxy)
+    listed = {n["id"]: (n["slots"], n["weight"]) for n in
+              (await call(proxy, "GET", "/api/proxy/nodes", token=token)).json["results"]}
+    assert listed == {node_id: (1, 0.25), created["id"]: (16, 2.5)}
+    assert (proxy.node(node).slots, proxy.node(node).weight) == (1, 0.25)
+    views = {n["id"]: (n["slots"], n["weight"]) for n in
+             (await call(proxy, "GET", "/api/proxy/state")).json["nodes"]}
+    assert views == listed

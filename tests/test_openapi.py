@@ -60,6 +60,13 @@ async def test_schema_is_valid_openapi_covering_every_endpoint(io_loop, make_pro
     node_input = spec["components"]["schemas"]["NodeInput"]
     assert node_input["required"] == ["address"]
     assert node_input["properties"]["port"]["maximum"] == 65535
+    slots, weight = node_input["properties"]["slots"], node_input["properties"]["weight"]
+    assert (slots["type"], slots["minimum"], slots["maximum"], slots["default"]) == (
+        "integer", 1, 1024, 4)
+    assert (weight["type"], weight["minimum"], weight["exclusiveMinimum"],
+            weight["maximum"]) == ("number", 0, True, 100)
+    node = spec["components"]["schemas"]["Node"]["properties"]
+    assert {"slots", "weight"} <= set(node)
 
 
 async def test_swagger_ui_and_redoc_are_served_offline(io_loop, make_proxy):

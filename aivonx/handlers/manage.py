@@ -218,6 +218,10 @@ class NodesHandler(ManageHandler):
         ---
         tags: [nodes]
         summary: Add a node
+        description: >-
+          The node is probed at once and routed to when healthy. `slots` (default 4)
+          is how many requests it serves at once, `weight` (default 1) its share of
+          the traffic against the other nodes.
         security: [{bearerAuth: []}]
         requestBody: {required: true, content: {application/json: {schema: NodeInput}}}
         responses:
@@ -267,6 +271,9 @@ class NodeHandler(ManageHandler):
         ---
         tags: [nodes]
         summary: Replace a node
+        description: >-
+          `address` is required; fields left out keep their values. `active: false`
+          drains the node. New `slots` and `weight` apply from the next request.
         security: [{bearerAuth: []}]
         parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
         requestBody: {required: true, content: {application/json: {schema: NodeInput}}}
@@ -286,6 +293,11 @@ class NodeHandler(ManageHandler):
         ---
         tags: [nodes]
         summary: Change a node
+        description: >-
+          Any subset of the fields. `active: false` drains the node: requests in
+          flight finish, no new ones are sent, probes never re-enable it. New `slots`
+          and `weight` apply from the next request; more slots serve waiting
+          requests at once.
         security: [{bearerAuth: []}]
         parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
         requestBody: {required: true, content: {application/json: {schema: NodePatch}}}
