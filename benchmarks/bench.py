@@ -65,6 +65,9 @@ START_TIMEOUT = 30.0
 # nodes, like nginx, take any number at once, so the benchmark lifts the slots to measure
 # the relay rather than the queue.
 NODE_SLOTS = 100_000
+# Aivonx's flags besides its address, database and nodes: warnings only (nginx logs no
+# access lines either).
+AIVONX_ARGS = ("--health-interval", "10", "--log-level", "warning")
 PR_SET_PDEATHSIG = 1
 
 GENERATE_SMALL = {"model": "llama3", "prompt": "hi", "stream": False}
@@ -246,46 +249,50 @@ class Cluster:
         self.proxies[target] = self.launchers[target]()
 
 
+def node_command(port: int, node_args: list[str]) -> list[str]:
+    """The command line of a fake node (port 0: any free port)."""
+    return [sys.executable, "-m", "tests.fakes.fake_ollama", "--port", str(port),
+            "--models", MODELS, *node_args]
+
+
+def listening_port(log_path: Path) -> int | None:
+    """The port a fake node says it listens on, once it has said so."""
+    match = re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())
+    return int(match.group(1)) if match else None
+
+
 def start_nodes(children: Children, workdir: Path, node_args: list[str], count: int = 2
                 ) -> tuple[list[int], list[subprocess.Popen]]:
-    started = [children.start(f"node{i}", [
-        sys.executable, "-m", "tests.fakes.fake_ollama", "--port", "0", "--models", MODELS,
-        *node_args], workdir) for i in range(count)]
+    started = [children.start(f"node{i}", node_command(0, node_args), workdir)
+               for i in range(count)]
     ports = []
     for proc, log_path in started:
-        found: list[int] = []
-
-        def listening(path: Path = log_path) -> bool:
-            match = re.search(rb"listening on http://127\.0\.0\.1:(\d+)", path.read_bytes())
-            found.extend([int(match.group(1))] if match else [])
-            return bool(match)
-
-        _wait_until(proc, log_path, "fake node", listening)
-        ports.append(found[0])
+        _wait_until(proc, log_path, "fake node", lambda p=log_path: bool(listening_port(p)))
+        ports.append(listening_port(log_path))
     return ports, [proc for proc, _ in started]
 
 
-def prepare_aivonx(children: Children, workdir: Path, node_ports: list[int]
+def prepare_aivonx(children: Children, workdir: Path, node_ports: list[int],
+                   slots: int = NODE_SLOTS, args: tuple[str, ...] = AIVONX_ARGS
                    ) -> tuple[int, Launcher]:
-    """Aivonx with its own database and NODE_SLOTS slots a node. A first start creates the
+    """Aivonx with its own database and `slots` slots a node. A first start creates the
     database and its nodes; the slots are set in it; later starts serve them."""
     port = free_port()
     db = workdir / "aivonx.db"
     nodes = [arg for p in node_ports for arg in ("--node", f"http://{HOST}:{p}")]
-    children.stop([_launch_aivonx(children, workdir, port, db, nodes)])
+    children.stop([_launch_aivonx(children, workdir, port, db, [*nodes, *args])])
     with sqlite3.connect(db) as conn:
-        updated = conn.execute("UPDATE node SET slots = ?", (NODE_SLOTS,)).rowcount
+        updated = conn.execute("UPDATE node SET slots = ?", (slots,)).rowcount
     if updated != len(node_ports):
         raise RuntimeError(f"aivonx's database holds {updated} nodes, not {len(node_ports)}")
-    return port, functools.partial(_launch_aivonx, children, workdir, port, db, [])
+    return port, functools.partial(_launch_aivonx, children, workdir, port, db, list(args))
 
 
 def _launch_aivonx(children: Children, workdir: Path, port: int, db: Path,
-                   nodes: list[str]) -> subprocess.Popen:
-    """Warnings only: nginx logs no access lines either."""
+                   args: list[str]) -> subprocess.Popen:
     proc, log_path = children.start("aivonx", [
         sys.executable, str(ROOT / "run.py"), "--host", HOST, "--port", str(port),
-        "--db", str(db), *nodes, "--health-interval", "10", "--log-level", "warning"], workdir)
+        "--db", str(db), *args], workdir)
     _wait_until(proc, log_path, "aivonx", lambda: _answers(port, "/api/health"))
     return proc
 
@@ -349,6 +356,7 @@ class Reply:
         self.sent_at = sent_at
         self.done_at = math.nan
         self.status = 0
+        self.headers: dict[str, str] = {}  # names and values lower-cased
         self.error: str | None = None
         self.body = bytearray()
         self.line_times: list[float] = []
@@ -471,6 +479,7 @@ class Connection(asyncio.Protocol):
         reply = self._reply
         assert reply is not None
         reply.status = int(status)
+        reply.headers = headers
         reply.keep_alive = version == "HTTP/1.1" and headers.get("connection") != "close"
         if headers.get("transfer-encoding") == "chunked":
             self._state = self._chunk_size
