@@ -1,5 +1,6 @@
-"""benchmarks/bench.py still runs end to end, and the fake node's request log that it
-relies on works from another process. No figure is asserted: they depend on the machine."""
+"""benchmarks/bench.py and benchmarks/soak.py still run end to end, and the fake node's
+request log that the benchmark relies on works from another process. No speed is asserted:
+it depends on the machine."""
 from __future__ import annotations
 
 import http.client
@@ -41,6 +42,22 @@ def test_quick_benchmark_prints_every_table_without_errors() -> None:
         assert heading in out
     assert re.search(r"^\| metric \| direct \| aivonx \| aivonx ÷ nginx \|", out, re.M)
     assert re.search(r"^errors: direct=0 aivonx=0$", out, re.M), out
+
+
+def test_quick_soak_loses_nothing_and_prints_its_summary() -> None:
+    """18 s of mixed traffic while nodes are killed, hung, slowed and flapped."""
+    proc = subprocess.Popen([sys.executable, "benchmarks/soak.py", "--minutes", "0.3"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    out, err = finish(proc, 90)
+    assert proc.returncode == 0, out + err[-3000:]
+    for heading in ("## Soak:", "### Requests", "### Faults", "### Aivonx memory (VmRSS)",
+                    "### After the traffic stopped", "**PASS**"):
+        assert heading in out, out
+    assert re.search(r"^Lost: \*\*0\*\*\.", out, re.M), out
+    faults = re.search(r"^\| \*\*total faults\*\* \| \*\*(\d+)\*\* \|$", out, re.M)
+    assert faults and int(faults.group(1)) >= 2, out
+    assert re.search(r"^- in flight: 0, queue depth: 0 ", out, re.M), out
 
 
 def test_fake_node_tells_another_process_when_its_client_left() -> None:
