@@ -96,11 +96,26 @@ class NodeState:
             return "drained"
         if not self.healthy:
             return "unhealthy"
+        return "degraded" if self._degraded_because() else "healthy"
+
+    @property
+    def health_reason(self) -> str:
+        """Why the node is not healthy, in a few words; empty when it is."""
+        if not self.enabled:
+            return self.reason if self.reason not in ("ok", "") else "drained by admin"
+        if not self.healthy:
+            return self.reason
+        return self._degraded_because() or ""
+
+    def _degraded_because(self) -> str | None:
         now = time.monotonic()
-        if (self.resting(now) or now - self.last_error_at < DEGRADED_ERROR_WINDOW
-                or (self.latency is not None and self.latency > DEGRADED_LATENCY)):
-            return "degraded"
-        return "healthy"
+        if self.resting(now):
+            return self.reason or "resting"  # says why it rests and for how long
+        if self.last_error_at and now - self.last_error_at < DEGRADED_ERROR_WINDOW:
+            return f"a request failed {now - self.last_error_at:.0f} s ago"
+        if self.latency is not None and self.latency > DEGRADED_LATENCY:
+            return f"slow: probes take {self.latency:.2f} s"
+        return None
 
     @property
     def has_free_slot(self) -> bool:

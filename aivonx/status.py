@@ -14,6 +14,13 @@ def _seconds(value: float | None) -> float | None:
     return round(value, 6)
 
 
+def _average_wait(scheduler: Any) -> float | None:
+    """Mean wait of the requests that have left the queue (served, timed out
+    or gone); those still waiting would count as zero."""
+    left = scheduler.queued_total - scheduler.depth
+    return _seconds(scheduler.wait_seconds_total / left) if left > 0 else None
+
+
 def node_view(node: NodeState) -> dict[str, Any]:
     return {
         "id": node.id,
@@ -23,6 +30,7 @@ def node_view(node: NodeState) -> dict[str, Any]:
         "url": node.url,
         "status": node.status,            # active | standby | drained
         "health": node.health,            # healthy | degraded | unhealthy | drained
+        "health_reason": node.health_reason,  # why not healthy; "" when healthy
         "enabled": node.enabled,
         "healthy": node.healthy,
         "since": node.since,               # unix time of the last status change
@@ -65,8 +73,7 @@ def cluster_state(ctx: Any) -> dict[str, Any]:
             "oldest_wait": _seconds(scheduler.oldest_wait()),
             "queued_total": scheduler.queued_total,
             "rejected_total": scheduler.rejected_total,
-            "average_wait": _seconds(scheduler.wait_seconds_total / scheduler.queued_total
-                                     if scheduler.queued_total else None),
+            "average_wait": _average_wait(scheduler),
         },
         "nodes": views,
     }

@@ -68,6 +68,25 @@
     return `${seconds.toFixed(2)} s`;
   }
 
+  function waitText(seconds) {
+    if (seconds === null || seconds === undefined) return "—";
+    if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+    if (seconds < 10) return `${seconds.toFixed(1)} s`;
+    if (seconds < 60) return `${Math.round(seconds)} s`;
+    const whole = Math.floor(seconds);
+    return `${Math.floor(whole / 60)}m ${String(whole % 60).padStart(2, "0")}s`;
+  }
+
+  function weightText(weight) {
+    return String(Number(Number(weight).toPrecision(6)));
+  }
+
+  function poolText(n) {
+    // Whether a degraded node still gets requests (pool_text in pages.py).
+    if (n.health !== "degraded") return "";
+    return n.status === "active" ? "still serving" : "not routed";
+  }
+
   function sparkPoints(history) {
     const values = (history || []).filter((v) => v !== null && v !== undefined).slice(-SLOTS);
     if (values.length < 2) return "";
@@ -84,11 +103,13 @@
     // Mirrors overall() in aivonx/handlers/pages.py.
     const active = nodes.filter((n) => n.status === "active").length;
     const enabled = nodes.filter((n) => n.status !== "drained").length;
+    const degraded = nodes.filter((n) => n.health === "degraded").length;
     if (!nodes.length) return ["No nodes configured", "warn"];
     if (active === 0) return ["No node is serving", "bad"];
     if (active < enabled) {
       return [`${enabled - active} of ${enabled} node${enabled !== 1 ? "s" : ""} down`, "warn"];
     }
+    if (degraded) return [`All nodes serving, ${degraded} degraded`, "warn"];
     return ["All nodes serving", "ok"];
   }
 
@@ -131,21 +152,27 @@
 
   function renderRow(tr, n) {
     tr.dataset.status = n.status;
+    tr.dataset.health = n.health;
     setText(slot(tr, "name"), n.name);
     setText(slot(tr, "url"), n.url);
-    const badge = slot(tr, "status");
-    badge.className = `badge s-${n.status}`;
-    setText(badge, n.status);
+    const badge = slot(tr, "health");
+    badge.className = `badge h-${n.health}`;
+    badge.setAttribute("title", `Pool: ${n.status}`);
+    setText(badge, n.health);
     const since = slot(tr, "since");
     since.dataset.since = n.since === null ? "" : String(n.since);
     setText(since, ago(n.since));
-    // Why a node is not serving; a drained node that answers needs no reason.
-    setText(slot(tr, "reason"), n.status === "active" || n.reason === "ok" ? "" : n.reason || "");
+    setText(slot(tr, "pool"), poolText(n));
+    // Why the node is not healthy: slow, failing, resting, unreachable, drained.
+    setText(slot(tr, "reason"), n.health_reason || "");
     setText(slot(tr, "latency"), latencyText(n.latency));
     const points = sparkPoints(n.latency_history);
     const line = slot(tr, "spark");
     if (line.getAttribute("points") !== points) line.setAttribute("points", points);
     setText(slot(tr, "active_requests"), n.active_requests);
+    setText(slot(tr, "slots"), n.slots);
+    slot(tr, "load").classList.toggle("full", n.active_requests >= n.slots);
+    setText(slot(tr, "weight"), n.weight === 1 ? "" : `weight ${weightText(n.weight)}`);
     setText(slot(tr, "requests_served"), n.requests_served);
     setText(slot(tr, "errors"), n.errors);
     renderChips(slot(tr, "models"), n.models, n.loaded, "none listed");
@@ -166,6 +193,8 @@
     if (edit && !edit.closest("details").open) {
       edit.value = n.name;
       slot(tr, "edit-address").value = n.url;
+      slot(tr, "edit-slots").value = String(n.slots);
+      slot(tr, "edit-weight").value = weightText(n.weight);
     }
   }
 
@@ -191,6 +220,9 @@
     setText(slot(document, "node-count"), nodes.length);
     setText(slot(document, "strategy"), state.strategy);
     setText(slot(document, "total_active_requests"), state.total_active_requests);
+    setText(slot(document, "capacity"), nodes.filter((n) => n.status === "active")
+      .reduce((sum, n) => sum + n.slots, 0));
+    renderQueue(state.queue);
     setText(slot(document, "requests_served"), state.requests_served);
     const errors = slot(document, "errors");
     setText(errors, state.errors);
@@ -201,6 +233,20 @@
       strategy.value = state.strategy;
     }
     renderTargets(nodes);
+  }
+
+  function renderQueue(queue) {
+    if (!queue) return;
+    setText(slot(document, "queue-depth"), queue.depth);
+    setText(slot(document, "queue-limit"), queue.limit);
+    setText(slot(document, "queue-oldest"), waitText(queue.oldest_wait));
+    setText(slot(document, "queue-average"), waitText(queue.average_wait));
+    setText(slot(document, "queue-max-wait"), waitText(queue.max_wait));
+    const rejected = slot(document, "queue-rejected");
+    setText(rejected, queue.rejected_total);
+    rejected.classList.toggle("has-errors", queue.rejected_total > 0);
+    const card = document.getElementById("queue");
+    if (card) card.classList.toggle("queued", queue.depth > 0);
   }
 
   function renderTargets(nodes) {

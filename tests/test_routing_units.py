@@ -81,3 +81,27 @@ def test_lowest_version_and_openai_list():
                                          "modified_at": "2024-01-01T00:00:00Z"}])
     assert listed["data"] == [{"id": "user/m:tag", "object": "model",
                                "created": 1704067200, "owned_by": "user"}]
+
+
+def test_health_states_say_why():
+    registry = Registry()
+    node = registry.upsert(1, "n", "h", 11434, True)
+    assert (node.health, node.health_reason) == ("unhealthy", "not probed yet")
+    registry.mark_up(node)
+    assert (node.health, node.health_reason) == ("healthy", "")
+    registry.record_latency(node, 2.5)
+    assert (node.health, node.health_reason) == ("degraded", "slow: probes take 2.50 s")
+    node.latency = 0.01
+    registry.transport_failed(node, "connection reset")
+    assert node.health == "degraded"
+    assert node.health_reason.startswith("a request failed") and node.routable
+    registry.busy(node, 30)
+    assert (node.health, node.health_reason) == ("degraded", "busy: resting 30 s")
+    assert not node.routable
+    node.cooldown_until = 0.0  # the rest is over
+    registry.mark_down(node, "connection refused")
+    assert (node.health, node.health_reason) == ("unhealthy", "connection refused")
+    registry.set_enabled(node, False)
+    assert (node.health, node.health_reason) == ("drained", "drained by admin")
+    registry.mark_up(node)  # a drained node that answers: still drained, by the admin
+    assert (node.health, node.health_reason) == ("drained", "drained by admin")

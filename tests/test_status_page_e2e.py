@@ -7,9 +7,11 @@ Screenshots go to artifacts/ (ignored by git).
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 from typing import Any, AsyncIterator
 
@@ -90,24 +92,36 @@ async def test_page_follows_a_node_down_and_back_without_reloading(
         row_a = page.locator(f'tr.node[data-id="{proxy.node(a).id}"]')
         row_b = page.locator(f'tr.node[data-id="{proxy.node(b).id}"]')
         await expect(row_a.locator('[data-f="url"]')).to_have_text(a.url)
-        await expect(row_b.locator('[data-f="status"]')).to_have_text("active")
+        await expect(row_b.locator('[data-f="health"]')).to_have_text("healthy")
         await expect(row_a.locator('[data-f="loaded"]')).to_contain_text("qwen3:8b")
+        await expect(row_a.locator('[data-f="slots"]')).to_have_text("4")
         await expect(page.locator("#live")).to_be_visible()
         await page.evaluate("window.notReloaded = true")
 
         port = b.port
         await b.stop()
-        await expect(row_b.locator('[data-f="status"]')).to_have_text(
-            "standby", timeout=LIVE_TIMEOUT)
-        await expect(row_b.locator('[data-f="reason"]')).not_to_be_empty()
+        await expect(row_b.locator('[data-f="health"]')).to_have_text(
+            "unhealthy", timeout=LIVE_TIMEOUT)
+        await expect(row_b.locator('[data-f="reason"]')).to_contain_text("refused")
         await expect(page.locator("#overall")).to_have_text("1 of 2 nodes down")
         await expect(page.locator('[data-f="active-count"]')).to_have_text("1")
         await b.start(port=port)
-        await expect(row_b.locator('[data-f="status"]')).to_have_text(
-            "active", timeout=LIVE_TIMEOUT)
+        await expect(row_b.locator('[data-f="health"]')).to_have_text(
+            "healthy", timeout=LIVE_TIMEOUT)
         await expect(page.locator("#overall")).to_have_text("All nodes serving")
-        assert await page.evaluate("window.notReloaded") is True
         assert (await api_state(proxy))["nodes"][1]["status"] == "active"
+
+        # The node says it is busy: it rests, degraded, and the page says why.
+        b.fail_status, b.fail_message = 503, "server busy, please try again."
+        client = ollama.AsyncClient(host=proxy.url)
+        while not b.requests_to("/api/generate"):  # ties rotate: b gets one soon
+            assert (await client.generate(model="llama3", prompt="x", stream=False)).done
+        await expect(row_b.locator('[data-f="health"]')).to_have_text(
+            "degraded", timeout=LIVE_TIMEOUT)
+        await expect(row_b.locator('[data-f="reason"]')).to_have_text("busy: resting 5 s")
+        await expect(row_b.locator('[data-f="pool"]')).to_have_text("not routed")
+        await expect(page.locator("#overall")).to_have_text("1 of 2 nodes down")
+        assert await page.evaluate("window.notReloaded") is True
 
         # Without JavaScript the server-rendered page says the same.
         static = await new_page(browser, problems, java_script_enabled=False)
@@ -115,6 +129,8 @@ async def test_page_follows_a_node_down_and_back_without_reloading(
         assert await static.locator("tr.node").count() == 2
         await expect(static.locator(f'tr.node[data-id="{proxy.node(a).id}"] [data-f="models"]')
                      ).to_contain_text("llama3:latest")
+        await expect(static.locator(f'tr.node[data-id="{proxy.node(b).id}"] [data-f="health"]')
+                     ).to_have_text("degraded")
         await expect(static.locator("#live")).to_be_hidden()
     assert problems == []
 
@@ -157,8 +173,8 @@ async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, m
         await add.get_by_role("button", name="Add node").click()
         await expect(page.locator("#flash")).to_have_text("Added node gpu-c; it is being probed.")
         row_c = page.locator("tr.node", has=page.locator('[data-f="name"]', has_text="gpu-c"))
-        await expect(row_c.locator('[data-f="status"]')).to_have_text(
-            "active", timeout=LIVE_TIMEOUT)
+        await expect(row_c.locator('[data-f="health"]')).to_have_text(
+            "healthy", timeout=LIVE_TIMEOUT)
         await expect(row_c.locator('[data-f="models"]')).to_contain_text("phi3:mini")
         listed = (await api.call(proxy, "GET", "/api/proxy/nodes", token=token)).json
         assert {"gpu-c": (c.port, True)}.items() <= {
@@ -185,19 +201,50 @@ async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, m
         # Drain one node, rename another; a third goes down.
         row_b = page.locator(f'tr.node[data-id="{proxy.node(b).id}"]')
         await row_b.get_by_role("button", name="Drain").click()
-        await expect(row_b.locator('[data-f="status"]')).to_have_text("drained")
+        await expect(row_b.locator('[data-f="health"]')).to_have_text("drained")
         await expect(row_b.get_by_role("button", name="Resume")).to_be_visible()
         assert not proxy.node(b).routable
         await row_c.get_by_text("Edit", exact=True).click()
         await row_c.get_by_label("Name").fill("gpu-c-renamed")
+        await row_c.get_by_label("Weight").fill("2")
         await row_c.get_by_role("button", name="Save").click()
         await expect(page.locator("#flash")).to_have_text("Saved node gpu-c-renamed.")
         await expect(row_c.locator('[data-f="name"]').first).to_have_text("gpu-c-renamed")
+        await expect(row_c.locator('[data-f="weight"]')).to_have_text("weight 2")
         await d.stop()
         d_id = proxy.node(d).id
         row_d = page.locator(f'tr.node[data-id="{d_id}"]')
-        await expect(row_d.locator('[data-f="status"]')).to_have_text(
-            "standby", timeout=LIVE_TIMEOUT)
+        await expect(row_d.locator('[data-f="health"]')).to_have_text(
+            "unhealthy", timeout=LIVE_TIMEOUT)
+
+        # One slot on gpu-a, which alone has qwen3: a second request waits in the
+        # queue. gpu-c answers "busy" to what it is sent meanwhile and rests.
+        row_a = page.locator(f'tr.node[data-id="{proxy.node(a).id}"]')
+        await row_a.get_by_text("Edit", exact=True).click()
+        await row_a.get_by_label("Slots").fill("1")
+        await row_a.get_by_role("button", name="Save").click()
+        await expect(page.locator("#flash")).to_have_text("Saved node gpu-a.")
+        one = (await api.call(proxy, "GET", f"/api/proxy/nodes/{proxy.node(a).id}",
+                              token=token)).json
+        assert (one["slots"], one["weight"]) == (1, 1.0)
+        a.chunks, a.chunk_delay = 60, 0.25  # fifteen seconds, unless told to hurry
+        generations = [asyncio.ensure_future(client.generate(model="qwen3:8b", prompt="x",
+                                                             stream=False))]
+        await expect(row_a.locator('[data-f="active_requests"]')).to_have_text("1")
+        generations.append(asyncio.ensure_future(
+            client.generate(model="qwen3:8b", prompt="x", stream=False)))
+        c.fail_status, c.fail_message = 503, "server busy, please try again."
+        generations.append(asyncio.ensure_future(  # gpu-a is full: to gpu-c, then waits
+            client.generate(model="gemma3:1b", prompt="x", stream=False)))
+        queue = page.locator("#queue")
+        await expect(queue.locator('[data-f="queue-depth"]')).to_have_text("2")
+        await expect(queue).to_have_class(re.compile(r"\bqueued\b"))
+        await expect(queue.locator('[data-f="queue-oldest"]')).not_to_have_text("—")
+        await expect(row_a.locator('[data-f="load"]')).to_have_class("load full")
+        await expect(row_a.locator('[data-f="slots"]')).to_have_text("1")
+        await expect(row_c.locator('[data-f="health"]')).to_have_text("degraded")
+        await expect(row_c.locator('[data-f="reason"]')).to_have_text(
+            re.compile(r"busy: resting 5 s|a request failed \d+ s ago"))
 
         await page.wait_for_timeout(1200)  # a few more latency samples for the sparklines
         await page.screenshot(path=os.path.join(artifacts_dir, "status-page.png"),
@@ -212,6 +259,12 @@ async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, m
             await expect(shot.locator("#live")).to_have_text("live")
             await shot.screenshot(path=os.path.join(artifacts_dir, f"status-page-{suffix}.png"),
                                   full_page=True)
+
+        # The queue empties as gpu-a finishes; every request was served.
+        a.chunk_delay = 0.0
+        assert all(r.done for r in await asyncio.gather(*generations))
+        await expect(queue.locator('[data-f="queue-depth"]')).to_have_text("0")
+        await expect(queue.locator('[data-f="queue-average"]')).not_to_have_text("—")
 
         # Delete the node that went down; sign out.
         await row_d.get_by_text("Delete", exact=True).click()

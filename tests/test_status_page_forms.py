@@ -309,3 +309,70 @@ async def test_leaving_the_page_cancels_the_pull_on_the_nodes(io_loop, make_node
     stream.close()  # the page is closed
     await wait_for(lambda: a.requests_to("/api/pull")[0].client_closed_at is not None, timeout=3)
     assert "phi3:mini" not in a.models  # the download stopped before it finished
+
+
+async def test_slots_and_weight_from_the_forms(io_loop, make_node, make_proxy):
+    a = await make_node()
+    c = await make_node()
+    proxy = await make_proxy([a], health_interval=3600)
+    browser = Browser(proxy)
+    await browser.sign_in()
+    a_id = proxy.node(a).id
+    html = await browser.page()
+    assert re.search(r'<input type="number" name="slots"[^>]* value="4" data-f="edit-slots">',
+                     html)
+    assert re.search(r'<input type="number" name="weight"[^>]* value="1" data-f="edit-weight">',
+                     html)
+
+    # Add with them, or without (the defaults).
+    response = await browser.post("/ui/nodes", {"address": c.url, "name": "gpu-c",
+                                                "slots": "8", "weight": "2.5"})
+    assert response.code == 302
+    added = Node.get(Node.name == "gpu-c")
+    assert (added.slots, added.weight) == (8, 2.5)
+    assert (proxy.registry.nodes[added.id].slots, proxy.registry.nodes[added.id].weight) == (
+        8, 2.5)
+    await browser.post("/ui/nodes", {"address": "gpu9", "slots": "", "weight": ""})
+    assert (Node.get(Node.address == "gpu9").slots, Node.get(Node.address == "gpu9").weight) \
+        == (4, 1.0)
+    html = await browser.page()
+    assert re.search(r'data-f="weight"[^>]*>weight 2.5</span>', rows_html(html, added.id))
+
+    # Edit: routing has them at once.
+    response = await browser.post(f"/ui/nodes/{a_id}", {
+        "name": "gpu-a", "address": a.url, "slots": "1", "weight": "3"})
+    assert response.code == 302
+    assert (proxy.registry.nodes[a_id].slots, proxy.registry.nodes[a_id].weight) == (1, 3.0)
+    assert "Saved node gpu-a." in flash(await browser.page())
+
+    # Bad values: the form again, open, with what was typed and the field's message.
+    for fields, field, message in (
+            ({"slots": "0", "weight": "1"}, "slots", "slots must be an integer between 1 and 1024"),
+            ({"slots": "2.5", "weight": "1"}, "slots", "slots must be an integer"),
+            ({"slots": "", "weight": "1"}, "slots", "slots must be an integer"),
+            ({"slots": "2", "weight": "0"}, "weight", "weight must be a number greater than 0"),
+            ({"slots": "2", "weight": "nan"}, "weight", "weight must be a number"),
+            ({"slots": "2", "weight": "heavy"}, "weight", "weight must be a number"),
+            ({"slots": "2", "weight": "1e9"}, "weight", "at most 100")):
+        response = await browser.post(f"/ui/nodes/{a_id}", {"name": "gpu-a", "address": a.url,
+                                                            **fields})
+        assert response.code == 400, fields
+        html = response.body.decode()
+        assert message in html, fields
+        row = rows_html(html, a_id)
+        assert '<details class="pop" open>' in row
+        assert f'value="{fields[field]}" data-f="edit-{field}"' in row
+        answer = await browser.post(f"/ui/nodes/{a_id}", {"name": "gpu-a", "address": a.url,
+                                                          **fields}, "application/json")
+        assert answer.code == 400 and field in json.loads(answer.body)["errors"]
+    assert (Node.get_by_id(a_id).slots, Node.get_by_id(a_id).weight) == (1, 3.0)
+    response = await browser.post("/ui/nodes", {"address": "gpu8", "slots": "x"})
+    assert response.code == 400 and 'value="x"' in response.body.decode()
+    assert Node.get_or_none(Node.address == "gpu8") is None
+
+
+def rows_html(html: str, node_id: int) -> str:
+    """One node's row of the page's table."""
+    body = html.split('<template id="row-template">')[0]
+    return re.search(r'<tr class="node" data-id="%d"[^>]*>(.*?)</tr>' % node_id, body,
+                     re.S).group(1)

@@ -85,8 +85,9 @@ class StateHandler(ManageHandler):
         tags: [state]
         summary: Live cluster state
         description: >-
-          Pools, latencies (seconds, null while unknown), in-flight requests and
-          models of every node, as routing sees them now. Public.
+          Pools, health states and why, latencies (seconds, null while unknown),
+          in-flight requests out of slots, weights and models of every node, and
+          the wait queue, as routing sees them now. Public.
         responses:
           200: {description: The state, content: {application/json: {schema: State}}}
         """

@@ -54,8 +54,9 @@ MAX_FLASH = 500
 MAX_FIELD = 1000  # form values are short; longer ones are cut before validation
 
 # What the row template is rendered with, for static/ui.js to clone.
-BLANK_NODE = {"id": 0, "name": "", "url": "", "status": "standby", "since": None,
-              "reason": "", "latency": None, "latency_history": [], "active_requests": 0,
+BLANK_NODE = {"id": 0, "name": "", "url": "", "status": "standby", "health": "unhealthy",
+              "health_reason": "", "since": None, "reason": "", "latency": None,
+              "latency_history": [], "active_requests": 0, "slots": 4, "weight": 1.0,
               "requests_served": 0, "errors": 0, "models": [], "loaded": []}
 
 _background: set[asyncio.Future] = set()  # pulls started without JavaScript
@@ -88,6 +89,33 @@ def latency_text(seconds: float | None) -> str:
     return f"{seconds:.2f} s"
 
 
+def wait_text(seconds: float | None) -> str:
+    """A wait in the queue: 350 ms, 4.2 s, 17 s, 2m 00s."""
+    if seconds is None:
+        return "—"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m {rest:02d}s"
+
+
+def weight_text(weight: float) -> str:
+    """A weight as people write it: 3, 2.5, 0.25 (static/ui.js writes the same)."""
+    return f"{weight:g}"
+
+
+def pool_text(node: dict[str, Any]) -> str:
+    """Whether a degraded node still gets requests; the other health states
+    say it themselves."""
+    if node["health"] != "degraded":
+        return ""
+    return "still serving" if node["status"] == "active" else "not routed"
+
+
 def spark_points(history: list[float | None]) -> str:
     """SVG polyline points for a latency history, newest at the right edge,
     scaled to the largest sample (static/ui.js draws the same)."""
@@ -107,6 +135,7 @@ def overall(state: dict[str, Any]) -> tuple[str, str]:
     nodes = state["nodes"]
     active = sum(1 for n in nodes if n["status"] == "active")
     enabled = sum(1 for n in nodes if n["status"] != "drained")
+    degraded = sum(1 for n in nodes if n["health"] == "degraded")
     if not nodes:
         return "No nodes configured", "warn"
     if active == 0:
@@ -114,7 +143,25 @@ def overall(state: dict[str, Any]) -> tuple[str, str]:
     if active < enabled:
         down = enabled - active
         return f"{down} of {enabled} node{'s' if enabled != 1 else ''} down", "warn"
+    if degraded:
+        return f"All nodes serving, {degraded} degraded", "warn"
     return "All nodes serving", "ok"
+
+
+def capacity(state: dict[str, Any]) -> int:
+    """Requests the serving nodes take at once, before requests queue."""
+    return sum(n["slots"] for n in state["nodes"] if n["status"] == "active")
+
+
+def form_number(text: str) -> Any:
+    """A number typed in a form, as JSON would carry it (3 or 2.5); anything
+    else stays text for the validation to name the field."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def is_loopback(host: str) -> bool:
@@ -190,6 +237,8 @@ class PageHandler(BaseHandler):
     def get_template_namespace(self) -> dict[str, Any]:
         namespace = super().get_template_namespace()
         namespace.update(ago=ago, latency_text=latency_text, spark_points=spark_points,
+                         wait_text=wait_text, weight_text=weight_text, pool_text=pool_text,
+                         capacity=capacity,
                          spark_width=SPARK_WIDTH, spark_height=SPARK_HEIGHT,
                          spark_slots=HISTORY_LENGTH, chip_limit=CHIP_LIMIT,
                          blank_node=BLANK_NODE, state_url="/api/proxy/state")
@@ -346,6 +395,9 @@ class AddNodeHandler(FormHandler):
         data: dict[str, Any] = {"address": self.field("address")}
         if self.field("name"):
             data["name"] = self.field("name")
+        for name in ("slots", "weight"):  # optional here: 4 slots, weight 1
+            if self.field(name):
+                data[name] = form_number(self.field(name))
         node = nodes.create_node(self.ctx, data)
         self.done(f"Added node {node.name}; it is being probed.", node_id=node.id)
 
@@ -354,6 +406,9 @@ class EditNodeHandler(FormHandler):
     def post(self, node_id: str) -> None:
         self.form = f"edit-{node_id}"
         data = {"name": self.field("name"), "address": self.field("address")}
+        for name in ("slots", "weight"):  # a form without them changes neither
+            if name in self.request.body_arguments:
+                data[name] = form_number(self.field(name))
         try:
             node = nodes.update_node(self.ctx, self.node_id(node_id), data, partial=True)
         except LookupError:
