@@ -30,10 +30,10 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
-import sqlite3
 import statistics
 import string
 import subprocess
@@ -64,7 +64,7 @@ START_TIMEOUT = 30.0
 # Aivonx queues what exceeds a node's slots (4 by default, Ollama's parallelism). The fake
 # nodes, like nginx, take any number at once, so the benchmark lifts the slots to measure
 # the relay rather than the queue.
-NODE_SLOTS = 100_000
+NODE_SLOTS = 1024  # the most the nodes API takes: 2 nodes hold the 2,000 held streams
 # Aivonx's flags besides its address, database and nodes: warnings only (nginx logs no
 # access lines either).
 AIVONX_ARGS = ("--health-interval", "10", "--log-level", "warning")
@@ -275,17 +275,48 @@ def start_nodes(children: Children, workdir: Path, node_args: list[str], count: 
 def prepare_aivonx(children: Children, workdir: Path, node_ports: list[int],
                    slots: int = NODE_SLOTS, args: tuple[str, ...] = AIVONX_ARGS
                    ) -> tuple[int, Launcher]:
-    """Aivonx with its own database and `slots` slots a node. A first start creates the
-    database and its nodes; the slots are set in it; later starts serve them."""
+    """Aivonx with its own database and `slots` slots a node. Its first start creates the
+    database and its nodes, and sets the slots through the nodes API as an admin would
+    (user root, with the password this process puts in AIVONX_ROOT_PASSWORD for its
+    children); later starts on the same database serve them."""
     port = free_port()
     db = workdir / "aivonx.db"
     nodes = [arg for p in node_ports for arg in ("--node", f"http://{HOST}:{p}")]
-    children.stop([_launch_aivonx(children, workdir, port, db, [*nodes, *args])])
-    with sqlite3.connect(db) as conn:
-        updated = conn.execute("UPDATE node SET slots = ?", (slots,)).rowcount
-    if updated != len(node_ports):
-        raise RuntimeError(f"aivonx's database holds {updated} nodes, not {len(node_ports)}")
-    return port, functools.partial(_launch_aivonx, children, workdir, port, db, list(args))
+    password = os.environ.setdefault("AIVONX_ROOT_PASSWORD", secrets.token_urlsafe(18))
+
+    def call(method: str, path: str, body: dict | None, token: str | None = None) -> dict:
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        headers = {"Content-Type": "application/json",
+                   **({"Authorization": f"Bearer {token}"} if token else {})}
+        try:
+            conn.request(method, path, None if body is None else json.dumps(body), headers)
+            response = conn.getresponse()
+            answer = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise RuntimeError(f"aivonx answered {method} {path} with {response.status}: "
+                               f"{answer[:500]!r}")
+        return json.loads(answer)
+
+    configured = False
+
+    def launch() -> subprocess.Popen:
+        nonlocal configured
+        if configured:
+            return _launch_aivonx(children, workdir, port, db, list(args))
+        proc = _launch_aivonx(children, workdir, port, db, [*nodes, *args])
+        token = call("POST", "/api/account/login",
+                     {"username": "root", "password": password})["access"]
+        listed = call("GET", f"/api/proxy/nodes?limit={len(node_ports) + 1}", None, token)
+        if listed["count"] != len(node_ports):
+            raise RuntimeError(f"aivonx holds {listed['count']} nodes, not {len(node_ports)}")
+        for node in listed["results"]:
+            call("PATCH", f"/api/proxy/nodes/{node['id']}", {"slots": slots}, token)
+        configured = True
+        return proc
+
+    return port, launch
 
 
 def _launch_aivonx(children: Children, workdir: Path, port: int, db: Path,
