@@ -23,6 +23,10 @@ BREAKER_FAILURES = 3
 BREAKER_WINDOW = 60.0
 BREAKER_COOLDOWN = 15.0
 BREAKER_COOLDOWN_MAX = 300.0
+# Failures this close together are one incident: a node that crashes fails
+# every request it was serving at the same instant, which is one failure of
+# the node, not several.
+BREAKER_INCIDENT = 1.0
 # A node answering 429/503 ("server busy") rests this long unless it says
 # how long itself (Retry-After), bounded.
 BUSY_COOLDOWN = 5.0
@@ -209,6 +213,8 @@ class Registry:
         requests. Returns True when the circuit just opened."""
         now = time.monotonic()
         state.last_error_at = now
+        if state.failures and now - state.failures[-1] < BREAKER_INCIDENT:
+            return False
         state.failures.append(now)
         while state.failures and now - state.failures[0] > BREAKER_WINDOW:
             state.failures.popleft()

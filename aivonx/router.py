@@ -96,11 +96,15 @@ class Router:
         return next(self._turns)
 
     def eligible(self, key: str) -> list[NodeState]:
-        """Routable nodes that have the model (canonical key), unordered."""
+        """Routable nodes that have the model (canonical key), unordered.
+        When none is, nodes that answer probes but rest (open circuit, busy
+        cooldown) are tried rather than refusing the request outright."""
         having = [n for n in self.registry.nodes.values() if n.has_model(key)]
         if not having:
             raise NoSuchModel(key)
         up = [n for n in having if n.routable]
+        if not up:
+            up = [n for n in having if n.enabled and n.healthy]
         if not up:
             raise NoHealthyNode(key)
         return up

@@ -151,22 +151,38 @@ async def test_circuit_opens_on_a_flapping_node(io_loop, make_node, make_proxy):
     configure(proxy, steady, slots=2)
     flappy.die_after = 0  # probes pass, every request is cut before a byte
     client = ollama.AsyncClient(host=proxy.url)
+    state = proxy.node(flappy)
 
-    async def worker() -> None:
-        for _ in range(6):
+    async def worker(until) -> None:
+        while not until():
             assert (await client.generate(model="llama3", prompt="x", stream=False)).done
             await asyncio.sleep(0.05)
 
     # Whenever the steady node is full, the monitor has brought the flappy
-    # one back: without a breaker it would eat a request every time.
-    await asyncio.gather(*(worker() for _ in range(4)))
+    # one back: without a breaker it would eat a request every time. Three
+    # failure incidents at least a second apart open the circuit.
+    started = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(*(
+        worker(lambda: "circuit open" in state.reason) for _ in range(4))), 10)
+    assert time.monotonic() - started < 5
     eaten = len(flappy.requests_to("/api/generate"))
-    assert 3 <= eaten <= 5  # three failures open it, plus what was already under way
-    await asyncio.gather(*(worker() for _ in range(4)))
-    assert len(flappy.requests_to("/api/generate")) == eaten
-    state = proxy.node(flappy)
+    stop_at = time.monotonic() + 1.5
+    await asyncio.gather(*(worker(lambda: time.monotonic() > stop_at) for _ in range(4)))
+    assert len(flappy.requests_to("/api/generate")) == eaten  # it stopped eating
     assert state.healthy and state.status == "standby" and "circuit open" in state.reason
     assert state.health == "degraded"
+
+
+async def test_resting_nodes_serve_when_no_other_node_can(io_loop, make_node, make_proxy):
+    resting = await make_node()
+    proxy = await make_proxy([resting], health_interval=3600)
+    state = proxy.node(resting)
+    state.breaker_until = time.monotonic() + 60  # its circuit is open
+    assert state.healthy and state.status == "standby"
+    # It answers probes and nothing else has the model: trying it beats
+    # refusing the client.
+    client = ollama.AsyncClient(host=proxy.url)
+    assert (await client.generate(model="llama3", prompt="x", stream=False)).done
 
 
 async def test_metrics_and_response_headers(io_loop, make_node, make_proxy):
