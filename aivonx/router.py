@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 from .registry import NodeState, Registry
 
