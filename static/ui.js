@@ -84,7 +84,7 @@
   function poolText(n) {
     // Whether a degraded node still gets requests (pool_text in pages.py).
     if (n.health !== "degraded") return "";
-    return n.status === "active" ? "still serving" : "not routed";
+    return n.status === "active" ? "still serving" : "last resort only";
   }
 
   function sparkPoints(history) {

@@ -69,7 +69,7 @@ async def test_page_shows_every_node_and_the_cluster(io_loop, make_node, make_pr
     assert re.search(r'data-f="since" data-since="[\d.]+">\d+s</time>', row_b)
     assert '<span class="badge h-degraded" data-f="health" title="Pool: standby">' \
            'degraded</span>' in row_c
-    assert 'data-f="pool">not routed</div>' in row_c
+    assert 'data-f="pool">last resort only</div>' in row_c
     assert 'data-f="reason">busy: resting 30 s</div>' in row_c
     assert re.search(r'data-f="latency">(\d+ ms|&lt;1 ms)</span>', row_a)
     # In flight out of the slots (all taken), and the weight when it is not 1.

@@ -119,7 +119,7 @@ async def test_page_follows_a_node_down_and_back_without_reloading(
         await expect(row_b.locator('[data-f="health"]')).to_have_text(
             "degraded", timeout=LIVE_TIMEOUT)
         await expect(row_b.locator('[data-f="reason"]')).to_have_text("busy: resting 5 s")
-        await expect(row_b.locator('[data-f="pool"]')).to_have_text("not routed")
+        await expect(row_b.locator('[data-f="pool"]')).to_have_text("last resort only")
         await expect(page.locator("#overall")).to_have_text("1 of 2 nodes down")
         assert await page.evaluate("window.notReloaded") is True
 

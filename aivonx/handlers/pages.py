@@ -109,11 +109,11 @@ def weight_text(weight: float) -> str:
 
 
 def pool_text(node: dict[str, Any]) -> str:
-    """Whether a degraded node still gets requests; the other health states
-    say it themselves."""
+    """Whether a degraded node still gets requests, or (resting) only those no
+    other node can serve; the other health states say it themselves."""
     if node["health"] != "degraded":
         return ""
-    return "still serving" if node["status"] == "active" else "not routed"
+    return "still serving" if node["status"] == "active" else "last resort only"
 
 
 def spark_points(history: list[float | None]) -> str:
