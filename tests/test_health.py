@@ -6,6 +6,7 @@ import socket
 import time
 
 import ollama
+import pytest
 
 from aivonx.store import Node
 from tests.test_relay import wait_for
@@ -88,18 +89,10 @@ async def test_a_model_only_on_down_nodes_is_503_not_404(io_loop, make_node, mak
     await a.stop()
     await proxy.probe()
     client = ollama.AsyncClient(host=proxy.url)
-    try:
-        await client.generate(model="rare", prompt="x", stream=False)
-    except ollama.ResponseError as exc:
-        assert exc.status_code == 503
-    else:
-        raise AssertionError("expected 503")
-    try:
-        await client.generate(model="never-seen", prompt="x", stream=False)
-    except ollama.ResponseError as exc:
-        assert exc.status_code == 404
-    else:
-        raise AssertionError("expected 404")
+    for model, status in [("rare", 503), ("never-seen", 404)]:
+        with pytest.raises(ollama.ResponseError) as err:
+            await client.generate(model=model, prompt="x", stream=False)
+        assert err.value.status_code == status
 
 
 async def test_least_active_spreads_and_ties_rotate(io_loop, make_node, make_proxy):
