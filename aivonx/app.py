@@ -100,9 +100,7 @@ class Context:
         pulled shows at once); each answer also refreshes routing."""
         lists = await self.fan_out("/api/tags")
         for node, entries in lists:
-            names = [e.get("model") or e.get("name") for e in entries]
-            if set(names) != set(node.models.values()):
-                self.registry.set_models(node, names, entries)
+            if self.registry.update_tags(node, entries):
                 self._models_changed(node)
         return catalog.merge_tags(entries for _, entries in lists)
 

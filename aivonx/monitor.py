@@ -57,10 +57,6 @@ def parse_model_list(body: bytes) -> list[dict[str, Any]]:
             if isinstance(m, dict) and isinstance(m.get("model") or m.get("name"), str)]
 
 
-def entry_name(entry: dict[str, Any]) -> str:
-    return entry.get("model") or entry.get("name")
-
-
 class Monitor:
     def __init__(self, registry: Registry, *, interval: float, timeout: float,
                  on_models_changed: Callable[[NodeState], None] | None = None,
@@ -141,13 +137,8 @@ class Monitor:
             return
         self._schedule_next(node, failed=False)
         self.registry.record_latency(node, latency)
-        names = [entry_name(e) for e in tag_entries]
-        if set(names) != set(node.models.values()):
-            self.registry.set_models(node, names, tag_entries)
-            if self.on_models_changed is not None:
-                self.on_models_changed(node)
-        else:
-            node.tags = tag_entries
+        if self.registry.update_tags(node, tag_entries) and self.on_models_changed is not None:
+            self.on_models_changed(node)
         if not isinstance(ps, BaseException):
             try:
                 node.loaded = parse_model_list(ps.body)
@@ -156,7 +147,7 @@ class Monitor:
         if not isinstance(version, BaseException):
             node.version = parse_version_body(version.body)
         if self.registry.mark_up(node):
-            log.info("node %s (%s) is back with %d models", node.name, node.url, len(names))
+            log.info("node %s (%s) is back with %d models", node.name, node.url, len(node.models))
             self._status_changed(node)
 
     def _status_changed(self, node: NodeState) -> None:

@@ -249,6 +249,16 @@ class Registry:
         state.latency_history.append(seconds)
         del state.latency_history[:-HISTORY_LENGTH]
 
+    def update_tags(self, state: NodeState, entries: list[dict[str, Any]]) -> bool:
+        """A node's /api/tags answer (from a probe or a listing). Returns True
+        when its set of models changed, so the caller can persist it."""
+        names = [e.get("model") or e.get("name") for e in entries]
+        changed = set(names) != set(state.models.values())
+        if changed:
+            self.set_models(state, names)
+        state.tags = entries
+        return changed
+
     def set_models(self, state: NodeState, names: Iterable[str],
                    tags: list[dict[str, Any]] | None = None) -> None:
         models = {}
@@ -260,11 +270,6 @@ class Registry:
         state.models = models
         if tags is not None:
             state.tags = tags
-
-    def forget_model(self, state: NodeState, key: str) -> None:
-        """A node said it lacks a model it listed: stop sending it there until
-        the next probe says otherwise."""
-        state.models.pop(key, None)
 
     def begin(self, state: NodeState) -> None:
         state.active_requests += 1
