@@ -6,9 +6,9 @@ ends a broken stream with an explicit error, and closes the upstream
 connection the moment the client goes away (that is what stops the GPU).
 
 AsyncHTTPClient has no public cancel, and closing it only takes effect at
-the next chunk. The client below records each request's TCP stream in a
-per-request handle, so a cancel closes the socket at once, even while the
-node is silent during a model load.
+the next chunk; the client in aivonx.upstream records each request's TCP
+stream in a per-request handle, so a cancel closes the socket at once, even
+while the node is silent during a model load.
 """
 from __future__ import annotations
 
@@ -93,7 +93,6 @@ class Attempt:
         self.headers = httputil.HTTPHeaders()
         self.forwarding = False   # True once the head went to the client
         self.error_buffer = bytearray()
-        self.chunks = 0
         self.started = time.monotonic()
         self.first_chunk_at: float | None = None
         self.last_activity = self.started
@@ -101,16 +100,12 @@ class Attempt:
     def on_head(self, status: int, reason: str, headers: httputil.HTTPHeaders) -> None:
         self.last_activity = time.monotonic()
         self.status, self.reason, self.headers = status, reason, headers
-        self._head_complete()
-
-    def _head_complete(self) -> None:
-        assert self.status is not None
-        if self.status in BUSY_STATUS:
-            self.exchange.relay.node_busy(self.node, self.headers.get("Retry-After"))
-        if self.can_retry and self.status in RETRYABLE_STATUS:
+        if status in BUSY_STATUS:
+            self.exchange.relay.node_busy(self.node, headers.get("Retry-After"))
+        if self.can_retry and status in RETRYABLE_STATUS:
             return  # buffer the body; the exchange decides on failover
         self.forwarding = True
-        self.exchange.send_head(self, self.status, self.reason, self.headers)
+        self.exchange.send_head(self, status, reason, headers)
 
     async def on_chunk(self, chunk: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -123,7 +118,6 @@ class Attempt:
             return
         if self.first_chunk_at is None:
             self.first_chunk_at = self.last_activity
-        self.chunks += 1
         await self.exchange.send_chunk(chunk)
 
 
@@ -153,7 +147,6 @@ class Exchange:
         self.cancelled = False
         self.gone: asyncio.Future = asyncio.get_running_loop().create_future()
         self.attempt: Attempt | None = None
-        self.head_sent = False
         self.content_type = ""
 
     def cancel(self) -> None:
@@ -180,7 +173,6 @@ class Exchange:
         sink.set_header("X-Aivonx-Overhead-Ms", f"{max(overhead, 0.0) * 1000:.3f}")
         self.relay.metrics.overhead.observe((), max(overhead, 0.0))
         self.content_type = headers.get("Content-Type", "")
-        self.head_sent = True
 
     async def send_chunk(self, chunk: bytes) -> None:
         self.sink.write(chunk)
