@@ -109,9 +109,10 @@ class Router:
             raise NoHealthyNode(key)
         return up
 
-    def candidates(self, key: str) -> list[NodeState]:
+    def candidates(self, key: str, eligible: list[NodeState] | None = None) -> list[NodeState]:
         """The eligible nodes best first, degraded ones after healthy ones.
-        Each call is one routing decision: it advances the rotation."""
-        up = self.eligible(key)
+        Each call is one routing decision: it advances the rotation. Pass
+        `eligible` when the caller has just computed it."""
+        up = self.eligible(key) if eligible is None else eligible
         ordered = STRATEGIES[self._strategy](sorted(up, key=lambda n: n.id), key, self)
         return sorted(ordered, key=lambda n: n.health != "healthy")

@@ -54,12 +54,15 @@ class Scheduler:
         """Seconds the longest-waiting request has waited so far."""
         return time.monotonic() - self.waiters[0].since if self.waiters else None
 
-    def _free_node(self, key: str, exclude: frozenset[int] | set[int]) -> NodeState | None:
+    def _free_node(self, key: str, exclude: frozenset[int] | set[int],
+                   eligible: list[NodeState] | None = None) -> NodeState | None:
         """The best node for `key` with a free slot, or None when all are
         full. Raises the router's NoSuchModel / NoHealthyNode."""
-        if not any(n.has_free_slot and n.id not in exclude for n in self.router.eligible(key)):
+        if eligible is None:
+            eligible = self.router.eligible(key)
+        if not any(n.has_free_slot and n.id not in exclude for n in eligible):
             return None
-        for node in self.router.candidates(key):
+        for node in self.router.candidates(key, eligible):
             if node.id not in exclude and node.has_free_slot:
                 return node
         return None
@@ -69,9 +72,10 @@ class Scheduler:
         """A node with a slot reserved for this request. None when every node
         that has the model was tried already (`exclude`), or when the client
         left (`abandoned` done) while waiting."""
-        if all(n.id in exclude for n in self.router.eligible(key)):
+        eligible = self.router.eligible(key)
+        if all(n.id in exclude for n in eligible):
             return None
-        node = self._free_node(key, exclude)
+        node = self._free_node(key, exclude, eligible)
         if node is not None:
             self.registry.begin(node)
             return node
