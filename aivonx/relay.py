@@ -13,7 +13,6 @@ while the node is silent during a model load.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Callable, Protocol
@@ -22,6 +21,7 @@ from tornado import httputil
 from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
+from .errors import error_body, stream_error_chunk
 from .registry import NodeState, Registry
 from .upstream import ConnectionHandle, UpstreamRequest, make_upstream_client
 
@@ -56,28 +56,6 @@ class Sink(Protocol):
     def clear_header(self, name: str) -> None: ...
     def write(self, chunk: bytes) -> None: ...
     def flush(self) -> Any: ...
-
-
-def error_body(style: str, message: str, status: int) -> bytes:
-    """An error in the client's dialect: Ollama's or OpenAI's."""
-    if style == "openai":
-        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        return json.dumps({"error": {"message": message, "type": kind,
-                                     "param": None, "code": None}}).encode()
-    return json.dumps({"error": message}).encode()
-
-
-def stream_error_chunk(content_type: str, message: str) -> bytes | None:
-    """The final chunk that tells a streaming client its stream broke, in the
-    stream's own framing; None where the framing has no room for one."""
-    ctype = content_type.split(";", 1)[0].strip().lower()
-    if ctype == "application/x-ndjson":
-        return json.dumps({"error": message}).encode() + b"\n"
-    if ctype == "text/event-stream":
-        payload = {"error": {"message": message, "type": "api_error",
-                             "param": None, "code": None}}
-        return b"data: " + json.dumps(payload).encode() + b"\n\n"
-    return None
 
 
 class Attempt:
