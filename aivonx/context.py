@@ -12,11 +12,12 @@ import peewee
 
 from . import store
 from .auth import Auth
+from .intake import BodyBudget
 from .listings import Listings
 from .metrics import Metrics
 from .monitor import Monitor
 from .nodes import NodeService
-from .registry import Registry
+from .registry import NodeState, Registry
 from .relay import Relay
 from .router import Router
 from .scheduler import Scheduler
@@ -41,7 +42,7 @@ class Context:
                            max_body_size=settings.max_body_size)
         self.monitor = Monitor(self.registry, interval=settings.health_interval,
                                timeout=settings.probe_timeout,
-                               on_status_changed=lambda node: self.scheduler.dispatch())
+                               on_status_changed=self._status_changed)
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
                                  self.tasks)
         self.monitor.on_models_changed = self.nodes.models_changed
@@ -50,7 +51,13 @@ class Context:
         # A node answered 404 for a model it listed: look again right away.
         self.relay.on_missing_model = self.nodes.probe_soon
         self.auth = Auth(settings.root_password)
+        self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.db: peewee.Database | None = None
+
+    def _status_changed(self, node: NodeState) -> None:
+        if not node.healthy:
+            self.relay.node_down(node)
+        self.scheduler.dispatch()  # a node back may wake waiting requests
 
     def open_store(self) -> None:
         self.db = store.open_database(self.settings.db)

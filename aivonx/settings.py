@@ -30,6 +30,15 @@ class Settings:
     # Base64 images make request bodies of hundreds of megabytes; Ollama
     # itself sets no limit.
     max_body_size: int = 1024 * 1024 * 1024
+    # Request bodies held in memory at once, over all requests; past it a
+    # request is answered 503 with Retry-After instead of risking the process.
+    max_body_in_flight: int = 1024 * 1024 * 1024
+    # A client sending a request body may pause this long between two reads
+    # (a slow sender must not hold a connection for the idle timeout).
+    body_timeout: float = 60.0
+    # Client connections open at once; past it Aivonx stops accepting until
+    # one closes. Also bounded by the process's file descriptor limit.
+    max_connections: int = 4096
     max_header_size: int = 64 * 1024
     # A client must send its request head within this many seconds (slow
     # senders would otherwise hold connections for ever); also how long an
@@ -91,6 +100,14 @@ _SIMPLE_FLAGS = [
      "seconds a request may wait for a slot before a 503"),
     ("--shutdown-grace", "AIVONX_SHUTDOWN_GRACE", _positive_float,
      "seconds in-flight requests get to finish on SIGTERM"),
+    ("--max-body-size", "AIVONX_MAX_BODY_SIZE", _positive_int,
+     "bytes: the largest request body accepted"),
+    ("--max-body-in-flight", "AIVONX_MAX_BODY_IN_FLIGHT", _positive_int,
+     "bytes of request bodies held in memory at once before requests get 503"),
+    ("--body-timeout", "AIVONX_BODY_TIMEOUT", _positive_float,
+     "seconds a client may pause while sending a request body"),
+    ("--max-connections", "AIVONX_MAX_CONNECTIONS", _positive_int,
+     "client connections open at once"),
 ]
 
 

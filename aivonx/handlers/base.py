@@ -10,9 +10,12 @@ import tornado.web
 
 from ..context import Context
 from ..errors import ApiError, error_body
+from ..intake import release_body
 
 log = logging.getLogger("aivonx.http")
 
+# Management, login and page bodies are small: refused above this.
+SMALL_BODY = 1024 * 1024
 # Parsing a body this large takes more than a millisecond: do it off the
 # event loop so other streams keep flowing.
 INLINE_JSON_LIMIT = 256 * 1024
@@ -38,6 +41,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 class BaseHandler(tornado.web.RequestHandler):
     # "ollama": {"error": "..."}; "openai": {"error": {"message": ...}}
     error_style = "ollama"
+    # The largest body this handler reads (aivonx.intake refuses larger ones
+    # from their head); None is the server-wide --max-body-size.
+    max_body: int | None = SMALL_BODY
 
     def initialize(self, ctx: Context) -> None:
         self._ctx = ctx
@@ -52,6 +58,15 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def compute_etag(self) -> None:
         return None
+
+    def on_finish(self) -> None:
+        # A RequestHandler sits in a reference cycle (its ui namespace points
+        # back at it): without this its request body would stay in memory
+        # until Python's next full garbage collection.
+        release_body(self.request)
+
+    def on_connection_close(self) -> None:
+        release_body(self.request)
 
     def bearer_token(self) -> str | None:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
