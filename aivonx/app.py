@@ -21,6 +21,7 @@ from .relay import Relay
 from .router import DEFAULT_STRATEGY, STRATEGIES, Router
 from .scheduler import Scheduler
 from .settings import Settings
+from .upstream import node_ssl_context
 
 log = logging.getLogger("aivonx")
 
@@ -49,12 +50,13 @@ class Context:
         self.scheduler = Scheduler(self.registry, self.router, max_queue=settings.max_queue,
                                    max_wait=settings.max_wait)
         self.metrics = Metrics()
+        node_ssl = node_ssl_context(settings.node_ca_file)
         self.relay = Relay(self.registry, self.router, self.scheduler, self.metrics,
                            connect_timeout=settings.connect_timeout,
                            idle_timeout=settings.idle_timeout,
-                           max_body_size=settings.max_body_size)
+                           max_body_size=settings.max_body_size, node_ssl=node_ssl)
         self.monitor = Monitor(self.registry, interval=settings.health_interval,
-                               timeout=settings.probe_timeout,
+                               timeout=settings.probe_timeout, node_ssl=node_ssl,
                                on_models_changed=self._models_changed,
                                on_status_changed=lambda node: self.scheduler.dispatch())
         self.relay.on_missing_model = self._missing_model

@@ -17,7 +17,7 @@ from typing import Any
 import peewee
 
 from . import store
-from .nodeaddr import DEFAULT_PORT, InvalidAddress, split_address
+from .nodeaddr import DEFAULT_PORT, InvalidAddress, base_url, split_address
 from .registry import NodeState
 from .router import STRATEGIES
 
@@ -187,6 +187,8 @@ def update_node(ctx: Any, node_id: int, data: dict[str, Any], partial: bool) -> 
     values = _clean(data, node, partial)
     moved = (values.get("address", node.address), values["port"]) != (node.address, node.port)
     enabled = values.get("active", node.active) and not node.active
+    drained = node.active and not values.get("active", node.active)
+    old_url = base_url(node.address, node.port)
     for field, value in values.items():
         setattr(node, field, value)
     if moved:
@@ -197,6 +199,8 @@ def update_node(ctx: Any, node_id: int, data: dict[str, Any], partial: bool) -> 
         ctx.registry.set_models(state, [], [])
     if moved or enabled:
         _probe_soon(ctx, state)
+    if moved or drained:
+        ctx.relay.client.close_idle(old_url)  # requests in flight keep theirs
     log.info("updated node %s: %s", node.id, ", ".join(sorted(values)))
     return node
 
@@ -208,6 +212,7 @@ def delete_node(ctx: Any, node_id: int) -> None:
         raise LookupError(node_id)
     node.delete_instance()
     ctx.registry.remove(node_id)
+    ctx.relay.client.close_idle(base_url(node.address, node.port))
     log.info("deleted node %s (%s:%s)", node.id, node.address, node.port)
 
 

@@ -10,10 +10,11 @@ transfer) with the changes the relay needs:
 - chunked bodies are delivered chunk by chunk and framed strictly (RFC 9112
   section 7.1): a bad frame ends the request with a clear error and closes
   its connection (see _ChunkRelayingConnection);
-- connections are kept alive and reused: opening a TCP connection per
-  request was the largest single cost of relaying a small request. A
-  connection holding bytes no request asked for is never reused (they
-  would be read as the next answer).
+- connections, plain and TLS, are kept alive and reused per (scheme, host,
+  port): opening a TCP connection per request was the largest single cost
+  of relaying a small request. A connection holding bytes no request asked
+  for is never reused (they would be read as the next answer), and idle
+  ones are closed on a timer.
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ import time
 from asyncio import Future
 from collections import defaultdict
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import HTTPRequest
+from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 from tornado.tcpclient import TCPClient
@@ -39,6 +42,9 @@ from .resolver import CachingResolver
 # the limit here only stops a burst from leaving sockets behind for ever.
 MAX_IDLE_PER_NODE = 256
 MAX_IDLE_SECONDS = 30.0
+# How often idle connections past MAX_IDLE_SECONDS are closed, so a burst
+# does not leave sockets open until traffic to the node returns.
+PURGE_INTERVAL = 5.0
 # Request bodies up to this size are sent in one piece with the head.
 SEND_WITH_HEAD = 64 * 1024
 # Chunk framing bounds: hex digits of a chunk size (16 is 2**64), bytes of
@@ -51,6 +57,8 @@ MAX_TRAILER_LINES = 100
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,%d})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?"
                               % MAX_CHUNK_DIGITS)
 _FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*")
+
+PoolKey = tuple[str, str, int]  # (scheme, host, port)
 
 
 def parse_chunk_size(line: bytes) -> int:
@@ -69,6 +77,30 @@ def check_trailer_line(line: bytes) -> None:
     name, a colon and a value; it is read and dropped."""
     if _FIELD_LINE.fullmatch(line) is None:
         raise httputil.HTTPInputError(f"invalid trailer line {line[:40]!r}")
+
+
+def pool_key(url: str) -> PoolKey:
+    """Where a request to `url` connects, as Tornado's client works it out:
+    the scheme is part of it, so an http and an https node on one host and
+    port never share a socket."""
+    parts = urlsplit(url)
+    host, port = httputil.split_host_and_port(parts.netloc.rpartition("@")[-1])
+    scheme = parts.scheme.lower()
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return scheme, host.lower(), port
+
+
+def node_ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """How HTTPS nodes are verified: against the PEM bundle `ca_file`
+    instead of the system's trust store when one is given (host names are
+    checked either way). Built once: Tornado would otherwise load the file
+    again for every request."""
+    if not ca_file:
+        return None
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
 
 
 def has_unread(stream: IOStream) -> bool:
@@ -126,27 +158,36 @@ class ConnectionHandle:
 
 
 class ConnectionPool:
-    """Idle keep-alive connections per (host, port), newest first."""
+    """Idle keep-alive connections per (scheme, host, port), newest first.
 
-    def __init__(self) -> None:
-        self.idle: dict[tuple[str, int], list[tuple[float, IOStream]]] = defaultdict(list)
+    Every request of one client verifies TLS nodes the same way, so a TLS
+    connection may serve any later request to its key. Connections idle
+    longer than `max_idle` are closed by a timer that runs while any are
+    kept, also when no request comes to take or return one."""
 
-    def take(self, key: tuple[str, int]) -> IOStream | None:
+    def __init__(self, max_idle: float = MAX_IDLE_SECONDS,
+                 purge_interval: float = PURGE_INTERVAL) -> None:
+        self.max_idle = max_idle
+        self.purge_interval = purge_interval
+        self.idle: dict[PoolKey, list[tuple[float, IOStream]]] = defaultdict(list)
+        self._purger: PeriodicCallback | None = None
+
+    def take(self, key: PoolKey) -> IOStream | None:
         streams = self.idle.get(key)
         now = time.monotonic()
         while streams:
             since, stream = streams.pop()
-            if stream.closed() or now - since > MAX_IDLE_SECONDS or has_unread(stream):
+            if stream.closed() or now - since > self.max_idle or has_unread(stream):
                 stream.close()
                 continue
             stream.set_close_callback(None)
             return stream
         return None
 
-    def put(self, key: tuple[str, int], stream: IOStream) -> None:
+    def put(self, key: PoolKey, stream: IOStream) -> None:
         streams = self.idle[key]
         now = time.monotonic()
-        while streams and (now - streams[0][0] > MAX_IDLE_SECONDS or
+        while streams and (now - streams[0][0] > self.max_idle or
                            len(streams) >= MAX_IDLE_PER_NODE):
             streams.pop(0)[1].close()
         entry = (now, stream)
@@ -158,10 +199,36 @@ class ConnectionPool:
 
         # Watching for close also notices a node that hangs up while idle.
         stream.set_close_callback(closed_by_node)
+        if self._purger is None:
+            self._purger = PeriodicCallback(self.purge, self.purge_interval * 1000)
+            self._purger.start()
+
+    def purge(self) -> None:
+        """Close the connections idle for longer than max_idle; the timer
+        stops once none are left and starts again with the next one kept."""
+        now = time.monotonic()
+        for key, streams in list(self.idle.items()):
+            while streams and (now - streams[0][0] > self.max_idle or streams[0][1].closed()):
+                streams.pop(0)[1].close()
+            if not streams:
+                del self.idle[key]
+        if not self.idle:
+            self._stop_purging()
+
+    def close_idle(self, key: PoolKey) -> None:
+        """Close the idle connections to one node (deleted, drained, moved)."""
+        for _, stream in list(self.idle.pop(key, [])):
+            stream.close()
+
+    def _stop_purging(self) -> None:
+        if self._purger is not None:
+            self._purger.stop()
+            self._purger = None
 
     def close(self) -> None:
+        self._stop_purging()
         for streams in self.idle.values():
-            for _, stream in streams:
+            for _, stream in list(streams):
                 stream.close()
         self.idle.clear()
 
@@ -171,15 +238,16 @@ class _PoolConnector:
     to the node when there is one, a new one otherwise."""
 
     def __init__(self, pool: ConnectionPool, tcp_client: TCPClient,
-                 handle: ConnectionHandle) -> None:
+                 handle: ConnectionHandle, url: str) -> None:
         self.pool = pool
         self.tcp_client = tcp_client
         self.handle = handle
-        self.key: tuple[str, int] | None = None
+        self.url = url
+        self.key: PoolKey | None = None
 
     async def connect(self, host: str, port: int, **kwargs: Any) -> IOStream:
-        self.key = (host, port)
-        if not self.handle.fresh_only and kwargs.get("ssl_options") is None:
+        self.key = pool_key(self.url)
+        if not self.handle.fresh_only:
             stream = self.pool.take(self.key)
             if stream is not None:
                 self.handle.reused = True
@@ -291,7 +359,7 @@ class _TrackedConnection(_HTTPConnection):
                  max_header_size: int, max_body_size: int) -> None:
         self.handle: ConnectionHandle | None = getattr(request, "connection_handle", None)
         if self.handle is not None:
-            tcp_client = _PoolConnector(client.pool, tcp_client, self.handle)
+            tcp_client = _PoolConnector(client.pool, tcp_client, self.handle, request.url)
         self.keep_alive = False
         super().__init__(client, request, release_callback, final_callback, max_buffer_size,
                          tcp_client, max_header_size, max_body_size)
@@ -349,14 +417,23 @@ class UpstreamClient(SimpleAsyncHTTPClient):
     def _connection_class(self) -> type:
         return _TrackedConnection
 
+    def close_idle(self, url: str) -> None:
+        """Close the idle connections to the node at `url` (e.g. its base
+        URL); requests in flight keep theirs."""
+        self.pool.close_idle(pool_key(url))
+
     def close(self) -> None:
         self.pool.close()
         super().close()
 
 
-def make_upstream_client(max_body_size: int) -> UpstreamClient:
+def make_upstream_client(max_body_size: int,
+                         node_ssl: ssl.SSLContext | None = None) -> UpstreamClient:
+    """`node_ssl` verifies HTTPS nodes (see node_ssl_context); None: the
+    system's trust store."""
     # max_clients: the default of 10 would queue requests silently behind
     # long generations; every request gets its own connection instead.
     return UpstreamClient(force_instance=True, max_clients=100_000,
                           max_body_size=max_body_size,
-                          max_buffer_size=max_body_size, resolver=CachingResolver())
+                          max_buffer_size=max_body_size, resolver=CachingResolver(),
+                          defaults={"ssl_options": node_ssl} if node_ssl else None)

@@ -94,7 +94,7 @@ async def test_a_bad_chunk_size_ends_the_stream_with_an_error_and_its_connection
     assert second != first
     # The proxy closed the mis-framed connection; only the good one is kept.
     await wait_for(lambda: node.open == 1)
-    assert len(proxy.ctx.relay.client.pool.idle[("127.0.0.1", node.port)]) == 1
+    assert len(proxy.ctx.relay.client.pool.idle[("http", "127.0.0.1", node.port)]) == 1
 
 
 SMUGGLED = response(generation("smuggled"))
