@@ -23,6 +23,7 @@ from .router import Router
 from .scheduler import Scheduler
 from .settings import Settings
 from .tasks import BackgroundTasks
+from .upstream import node_ssl_context
 
 log = logging.getLogger("aivonx")
 
@@ -36,15 +37,16 @@ class Context:
         self.scheduler = Scheduler(self.registry, self.router, max_queue=settings.max_queue,
                                    max_wait=settings.max_wait)
         self.metrics = Metrics()
+        node_ssl = node_ssl_context(settings.node_ca_file)
         self.relay = Relay(self.registry, self.router, self.scheduler, self.metrics,
                            connect_timeout=settings.connect_timeout,
                            idle_timeout=settings.idle_timeout,
-                           max_body_size=settings.max_body_size)
+                           max_body_size=settings.max_body_size, node_ssl=node_ssl)
         self.monitor = Monitor(self.registry, interval=settings.health_interval,
-                               timeout=settings.probe_timeout,
+                               timeout=settings.probe_timeout, node_ssl=node_ssl,
                                on_status_changed=self._status_changed)
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
-                                 self.tasks)
+                                 self.tasks, close_idle=self.relay.client.close_idle)
         self.monitor.on_models_changed = self.nodes.models_changed
         self.listings = Listings(self.registry, self.monitor.client, settings.probe_timeout,
                                  on_models_changed=self.nodes.models_changed)

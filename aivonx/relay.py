@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 import time
 from typing import Callable
 
@@ -269,14 +270,14 @@ class Relay:
 
     def __init__(self, registry: Registry, router: Router, scheduler: Scheduler,
                  metrics: Metrics, *, connect_timeout: float, idle_timeout: float,
-                 max_body_size: int) -> None:
+                 max_body_size: int, node_ssl: ssl.SSLContext | None = None) -> None:
         self.registry = registry
         self.router = router
         self.scheduler = scheduler
         self.metrics = metrics
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.client = make_upstream_client(max_body_size)
+        self.client = make_upstream_client(max_body_size, node_ssl)
         # Set by the app: re-probe a node whose model list proved stale.
         self.on_missing_model: Callable[[NodeState], None] | None = None
         self.attempts: dict[int, set[Attempt]] = {}  # in flight, by node id

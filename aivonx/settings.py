@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -53,6 +54,9 @@ class Settings:
     max_wait: float = 120.0
     # On SIGTERM/SIGINT, in-flight requests get this long to finish.
     shutdown_grace: float = 30.0
+    # A PEM bundle HTTPS nodes are verified against, instead of the
+    # system's trust store (e.g. a private CA or a self-signed node).
+    node_ca_file: str | None = None
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -72,6 +76,15 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {text!r}")
     return value
+
+
+def _ca_file(path: str) -> str:
+    """A PEM bundle that loads as trusted certificates (read once at start)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot load CA bundle {path!r}: {exc}") from None
+    return path
 
 
 def _positive_int(text: str) -> int:
@@ -133,6 +146,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         default=(_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level).lower(),
                         help="log verbosity (AIVONX_LOG_LEVEL, default info)")
+    parser.add_argument("--node-ca-file", type=_ca_file, metavar="PEM",
+                        default=_env(env, "AIVONX_NODE_CA_FILE"),
+                        help="CA bundle that HTTPS nodes are verified against instead of the "
+                             "system's (AIVONX_NODE_CA_FILE, default the system's)")
     root_password = _env(env, "AIVONX_ROOT_PASSWORD") or _env(env, "ROOT_PASSWORD")
     parser.set_defaults(env_nodes=env_nodes, root_password=root_password)
     return parser
@@ -142,7 +159,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     nodes = args.nodes if args.nodes is not None else args.env_nodes
     simple = {flag[2:].replace("-", "_") for flag, *_ in _SIMPLE_FLAGS}
     return Settings(nodes=list(nodes), log_level=args.log_level,
-                    root_password=args.root_password,
+                    root_password=args.root_password, node_ca_file=args.node_ca_file,
                     **{name: getattr(args, name) for name in simple})
 
 
