@@ -16,12 +16,13 @@ log = logging.getLogger("aivonx")
 
 async def _serve_forever(settings) -> None:
     ctx, server = await serve(settings)
-    log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
-             bound_port(server), len(ctx.registry.nodes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Only now: whoever waits for this line may send SIGTERM at once.
+    log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
+             bound_port(server), len(ctx.registry.nodes))
     await stop.wait()
     await shutdown(ctx, server, settings.shutdown_grace)
 
