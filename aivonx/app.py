@@ -11,6 +11,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 
 from . import catalog, store
+from .dblock import DatabaseLock
 from .fanout import fetch_model_lists
 from .auth import Auth
 from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
@@ -60,10 +61,18 @@ class Context:
         self.relay.on_missing_model = self._missing_model
         self.auth = Auth(settings.root_password)
         self.db = None
+        self.db_lock: DatabaseLock | None = None
 
     # -- store <-> registry ---------------------------------------------------
     def open_store(self) -> None:
-        self.db = store.open_database(self.settings.db)
+        """StoreError (one line saying why) when the database is in use by
+        another process or cannot be opened."""
+        self.db_lock = DatabaseLock(self.settings.db)
+        try:
+            self.db = store.open_database(self.settings.db)
+        except store.StoreError:
+            self.db_lock.release()
+            raise
         store.ensure_nodes(self.settings.nodes)
         generated = self.auth.ensure_root()
         if generated:
@@ -114,6 +123,8 @@ class Context:
         self.relay.close()
         if self.db is not None:
             self.db.close()
+        if self.db_lock is not None:
+            self.db_lock.release()
 
 
 def make_app(ctx: Context) -> tornado.web.Application:

@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from .app import bound_port, serve
+from .store import StoreError
 from .settings import parse_settings
 
 log = logging.getLogger("aivonx")
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_loop(_serve_forever(settings))
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         print(f"aivonx: {exc}", file=sys.stderr)
         return 1
     return 0
