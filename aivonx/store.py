@@ -18,6 +18,7 @@ from typing import Any
 
 import peewee
 from playhouse.migrate import SqliteMigrator, migrate
+from playhouse.sqlite_ext import AutoIncrementField
 
 from .nodeaddr import parse_node_url
 
@@ -60,6 +61,9 @@ class BaseModel(peewee.Model):
 
 
 class Node(BaseModel):
+    # AUTOINCREMENT: a deleted node's id is never handed to the next node,
+    # so a script or a dashboard holding an old id cannot hit another node.
+    id = AutoIncrementField()
     name = peewee.CharField(max_length=100)
     address = peewee.CharField(max_length=300)
     port = peewee.IntegerField(default=11434)
@@ -143,6 +147,7 @@ def open_database(path: str,
         with db.atomic():
             db.create_tables(MODELS, safe=True)
             _add_missing_columns(db)
+            _never_reuse_node_ids(db)
         db.execute_sql(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     except (peewee.DatabaseError, sqlite3.Error, OSError) as exc:
         db.close()
@@ -164,6 +169,26 @@ def _add_missing_columns(db: peewee.SqliteDatabase) -> None:
                 log.info("migrating: adding column %s.%s", table, fld.column_name)
     if operations:
         migrate(*operations)
+
+
+def _never_reuse_node_ids(db: peewee.SqliteDatabase) -> None:
+    """Rebuild a node table made before ids were AUTOINCREMENT, keeping its
+    rows and their ids (SQLite cannot alter a primary key in place). Runs
+    inside open_database's transaction: all or nothing."""
+    row = db.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' "
+                         "AND name = 'node'").fetchone()
+    if row is None or "AUTOINCREMENT" in row[0].upper():
+        return
+    log.info("migrating: node ids are never reused (AUTOINCREMENT)")
+    columns = ", ".join(f'"{c.name}"' for c in db.get_columns("node"))
+    db.execute_sql('ALTER TABLE "node" RENAME TO "node_before_autoincrement"')
+    for index in db.get_indexes("node_before_autoincrement"):
+        if not index.name.startswith("sqlite_autoindex"):
+            db.execute_sql(f'DROP INDEX "{index.name}"')
+    db.create_tables([Node])
+    db.execute_sql(f'INSERT INTO "node" ({columns}) '
+                   f'SELECT {columns} FROM "node_before_autoincrement"')
+    db.execute_sql('DROP TABLE "node_before_autoincrement"')
 
 
 def ensure_nodes(urls: list[str]) -> list[Node]:

@@ -130,3 +130,49 @@ async def test_an_unusable_database_path_ends_in_one_line(io_loop, tmp_path, whe
     assert code != 0, out
     assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
     assert out.startswith(f"aivonx: cannot open the database {db}"), out
+
+
+async def test_a_deleted_nodes_id_is_never_given_to_the_next(io_loop, make_proxy):
+    proxy = await make_proxy(health_interval=3600)
+    token = await login(proxy)
+    ids = []
+    for address in ("10.7.0.1", "10.7.0.2"):
+        answer = await call(proxy, "POST", "/api/proxy/nodes", {"address": address}, token=token)
+        ids.append(answer.json["id"])
+    assert (await call(proxy, "DELETE", f"/api/proxy/nodes/{ids[1]}", token=token)).code == 204
+    answer = await call(proxy, "POST", "/api/proxy/nodes", {"address": "10.7.0.3"}, token=token)
+    assert answer.code == 201 and answer.json["id"] > ids[1]
+    assert (await call(proxy, "GET", f"/api/proxy/nodes/{ids[1]}", token=token)).code == 404
+
+
+OLD_NODE_TABLE = (
+    'CREATE TABLE "node" ("id" INTEGER NOT NULL PRIMARY KEY, "name" VARCHAR(100) NOT NULL, '
+    '"address" VARCHAR(300) NOT NULL, "port" INTEGER NOT NULL, "active" INTEGER NOT NULL, '
+    '"created_at" DATETIME NOT NULL, "models_json" TEXT NOT NULL)')
+
+
+async def test_an_older_database_keeps_its_nodes_and_ids_and_stops_reusing_them(
+        io_loop, make_proxy, tmp_path):
+    # A node table as earlier versions made it: ids reusable, fewer columns.
+    db = str(tmp_path / "old.db")
+    with sqlite3.connect(db) as conn:
+        conn.execute(OLD_NODE_TABLE)
+        conn.execute('CREATE UNIQUE INDEX "node_address_port" ON "node" ("address", "port")')
+        conn.executemany(
+            "INSERT INTO node VALUES (?, ?, ?, 11434, ?, '2025-01-02 03:04:05', '[]')",
+            [(1, "one", "10.8.0.1", 1), (2, "two", "10.8.0.2", 0), (5, "five", "10.8.0.5", 1)])
+    conn.close()
+    proxy = await make_proxy(db=db, health_interval=3600)
+    token = await login(proxy)
+    listed = (await call(proxy, "GET", "/api/proxy/nodes", token=token)).json["results"]
+    assert [(n["id"], n["name"], n["address"], n["active"], n["slots"]) for n in listed] == [
+        (1, "one", "10.8.0.1", True, 4), (2, "two", "10.8.0.2", False, 4),
+        (5, "five", "10.8.0.5", True, 4)]
+    assert (await call(proxy, "DELETE", "/api/proxy/nodes/5", token=token)).code == 204
+    answer = await call(proxy, "POST", "/api/proxy/nodes", {"address": "10.8.0.5"}, token=token)
+    assert answer.code == 201 and answer.json["id"] == 6
+    # The unique (address, port) index came through the rebuild.
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        indexes = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                               "AND tbl_name = 'node'").fetchall()
+    assert indexes == [("node_address_port",)]
