@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from .app import bound_port, serve
+from .store import StoreError
 from .settings import parse_settings
 
 log = logging.getLogger("aivonx")
@@ -16,12 +17,13 @@ log = logging.getLogger("aivonx")
 
 async def _serve_forever(settings) -> None:
     ctx, server = await serve(settings)
-    log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
-             bound_port(server), len(ctx.registry.nodes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Only now: whoever waits for this line may send SIGTERM at once.
+    log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
+             bound_port(server), len(ctx.registry.nodes))
     await stop.wait()
     await shutdown(ctx, server, settings.shutdown_grace)
 
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_loop(_serve_forever(settings))
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         print(f"aivonx: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -12,6 +12,7 @@ import peewee
 
 from . import store
 from .auth import Auth
+from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .listings import Listings
 from .metrics import Metrics
@@ -55,6 +56,7 @@ class Context:
         self.auth = Auth(settings.root_password)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.db: peewee.Database | None = None
+        self.db_lock: DatabaseLock | None = None
 
     def _status_changed(self, node: NodeState) -> None:
         if not node.healthy:
@@ -62,7 +64,14 @@ class Context:
         self.scheduler.dispatch()  # a node back may wake waiting requests
 
     def open_store(self) -> None:
-        self.db = store.open_database(self.settings.db)
+        """StoreError (one line saying why) when the database is in use by
+        another process or cannot be opened."""
+        self.db_lock = DatabaseLock(self.settings.db)
+        try:
+            self.db = store.open_database(self.settings.db)
+        except store.StoreError:
+            self.db_lock.release()
+            raise
         generated = self.auth.ensure_root()
         if generated:
             log.warning("created user root with the generated password %s (shown only "
@@ -80,3 +89,5 @@ class Context:
         self.relay.close()
         if self.db is not None:
             self.db.close()
+        if self.db_lock is not None:
+            self.db_lock.release()

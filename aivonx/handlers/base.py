@@ -8,6 +8,7 @@ from typing import Any
 
 import tornado.web
 
+from .. import store
 from ..context import Context
 from ..errors import ApiError, error_body
 from ..intake import release_body
@@ -114,6 +115,11 @@ class BaseHandler(tornado.web.RequestHandler):
             super().log_exception(typ, value, tb)
 
     def _handle_request_exception(self, e: BaseException) -> None:
+        unavailable = store.unavailable(e)
+        if unavailable is not None:
+            message, retry_after = unavailable
+            log.warning("%s %s: %s", self.request.method, self.request.uri, e)
+            e = ApiError(503, message, {"Retry-After": str(retry_after)})
         if isinstance(e, ApiError):
             if not self._finished:
                 self.send_api_error(e)
