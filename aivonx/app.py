@@ -10,6 +10,7 @@ from tornado.httpserver import HTTPServer
 from .context import Context
 from .intake import GuardedApplication
 from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
+from .server import BoundedHTTPServer
 from .settings import Settings
 
 
@@ -116,10 +117,11 @@ def make_server(ctx: Context) -> HTTPServer:
     """The HTTP server with the limits hostile clients meet: head size and
     time, body size."""
     settings = ctx.settings
-    return HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
-                      max_buffer_size=settings.max_body_size,
-                      max_header_size=settings.max_header_size,
-                      idle_connection_timeout=settings.header_timeout)
+    return BoundedHTTPServer(make_app(ctx), max_connections=settings.max_connections,
+                             max_body_size=settings.max_body_size,
+                             max_buffer_size=settings.max_body_size,
+                             max_header_size=settings.max_header_size,
+                             idle_connection_timeout=settings.header_timeout)
 
 
 async def serve(settings: Settings) -> tuple[Context, HTTPServer]:

@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from .app import bound_port, serve
+from .server import raise_fd_limit
 from .store import StoreError
 from .settings import parse_settings
 
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_fd_limit()
     try:
         run_loop(_serve_forever(settings))
     except (OSError, StoreError) as exc:
