@@ -28,7 +28,12 @@ async def call(url: str, method: str = "POST", body: bytes | None = None):
     ("/api/generate", b'{"model": "a//b"}', 400, "invalid model name"),
     ("/api/generate", b'{"model": "' + b"x" * 5000 + b'"}', 400, "invalid model name"),
     ("/api/generate", b'{"model": "llama3", "prompt": "\xff\xfe"}', 400, "UTF-8"),
-    ("/api/generate", b"[" * 100000 + b"]" * 100000, 400, ""),
+    ("/api/generate", b"[" * 100000 + b"]" * 100000, 400, "nested too deeply"),
+    # Above 256 KiB the body's top level is scanned rather than parsed.
+    ("/api/generate", b'{"model": "llama3", "x": ' + b"[" * 200000 + b"]" * 200000 + b"}",
+     400, "nested too deeply"),
+    ("/api/generate", b'{"model": "llama3", "x": [' + b"0," * 200000 + b"0}", 400,
+     "mismatched brackets"),
     ("/api/nope", b"{}", 404, "404 page not found"),
     ("/definitely/unknown", None, 404, "404 page not found"),
 ])
