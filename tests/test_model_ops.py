@@ -9,8 +9,7 @@ import time
 import ollama
 import pytest
 
-from aivonx.modelops import ProgressMerger, common_refusal
-from aivonx.pulls import NodeResult
+from aivonx.modelops import NodeResult, ProgressMerger, common_refusal
 from aivonx.registry import NodeState
 from tests.api_client import call, login
 from tests.test_relay import wait_for
