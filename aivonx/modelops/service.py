@@ -228,7 +228,7 @@ class ModelOps:
     async def _progress(self, verb: str, path: str, body: dict[str, Any],
                         targets: list[NodeState], emit: Emit | None, cancel: Cancel,
                         reprobe: bool = True) -> OpResult:
-        merger = ProgressMerger()
+        merger = ProgressMerger(len(targets))
 
         async def on_line(node: NodeState, line: dict[str, Any]) -> None:
             out = merger.feed(node, line)
