@@ -7,7 +7,8 @@ stream; service.py holds the policy (which nodes, what the outcome is).
 from .fanout import Cancel, FanOut, NodeResult
 from .progress import ProgressMerger
 from .service import (ModelOps, NoNodeAvailable, OpResult, UnknownModel, common_refusal,
-                      failure_message)
+                      failure_message, is_unload, keep_alive_is_zero)
 
 __all__ = ["Cancel", "FanOut", "ModelOps", "NoNodeAvailable", "NodeResult", "OpResult",
-           "ProgressMerger", "UnknownModel", "common_refusal", "failure_message"]
+           "ProgressMerger", "UnknownModel", "common_refusal", "failure_message", "is_unload",
+           "keep_alive_is_zero"]

@@ -1,15 +1,18 @@
 """Model operations across the cluster: which nodes, and what the outcome is.
 
-Pull, create, copy, delete and push each go to the nodes their policy
-picks (every serving node, those having the source, the newest copy), run
-on all of them at once through the fan-out, and end in one OpResult the
-handlers turn into a status code. Afterwards the nodes are looked at again, so routing and the
+Pull, create, copy, delete, push and unload each go to the nodes their
+policy picks (every serving node, those having the source, the newest
+copy, those holding the model in memory), run on all of them at once
+through the fan-out, and end in one OpResult the handlers turn into a
+status code. Afterwards the nodes are looked at again, so routing and the
 listings show the change before the client hears it is done.
 """
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -69,6 +72,7 @@ class OpResult:
     results: dict[int, NodeResult]
     cancelled: bool = False
     any_node: bool = False
+    answer: dict[str, Any] | None = None  # the body to answer, where the service makes it
 
     @property
     def ok(self) -> bool:
@@ -134,6 +138,49 @@ def newest_copy(nodes: list[NodeState], name: str) -> NodeState:
         return catalog.parse_time(None)
 
     return max(nodes, key=modified)  # max keeps the first of equals
+
+
+# Go's time.ParseDuration, which Ollama reads a string keep_alive with.
+_DURATION = re.compile(r"(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_NANOSECONDS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 6e10,
+                "h": 3.6e12}
+
+
+def keep_alive_is_zero(value: Any) -> bool:
+    """Whether Ollama reads `keep_alive` as zero ("unload now"): a number of
+    seconds under a nanosecond and not negative (negative is forever), or a
+    duration string of zero such as "0", "0s" or "0m0s"."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return 0 <= value < 1e-9
+    if not isinstance(value, str) or len(value) > 100:
+        return False
+    text = value[1:] if value[:1] in ("+", "-") else value
+    if text == "0":
+        return True
+    if not _DURATION.fullmatch(text):
+        return False  # the node answers its own 400
+    return sum(float(n) * _NANOSECONDS[u] for n, u in _DURATION_PART.findall(text)) < 1
+
+
+def is_unload(body: dict[str, Any], content_field: str) -> bool:
+    """An unload as Ollama defines it: nothing to generate (`prompt` for
+    /api/generate, `messages` for /api/chat) and keep_alive zero."""
+    return not body.get(content_field) and keep_alive_is_zero(body.get("keep_alive"))
+
+
+def unload_answer(model: str, chat: bool) -> dict[str, Any]:
+    """What Ollama answers an unload: one JSON object, streamed or not."""
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    out: dict[str, Any] = {"model": model, "created_at": created}
+    if chat:
+        out["message"] = {"role": "assistant", "content": ""}
+    else:
+        out["response"] = ""
+    out.update(done=True, done_reason="unload")
+    return out
 
 
 class ModelOps:
@@ -224,6 +271,29 @@ class ModelOps:
         result.any_node = True
         return result
 
+    async def unload(self, model: str, key: str, path: str, body: dict[str, Any],
+                     cancel: Cancel) -> OpResult | None:
+        """An unload (keep_alive 0, nothing to generate; `path` is
+        /api/generate or /api/chat) on every node that holds the model in
+        memory, answered once in Ollama's shape. None when no node holds it:
+        then one node answers, as routing picks it."""
+        reachable = [n for n in self.registry.nodes.values() if n.enabled and n.healthy]
+        await self.reprobe(reachable)  # what each holds now, not at the last probe
+        targets = sorted((n for n in reachable if n.healthy and key in n.loaded_keys()),
+                         key=lambda n: n.id)
+        if not targets:
+            return None
+        results = await self.fanout.call_nodes(targets, "POST", path, body, None, cancel,
+                                               expect_success=False)
+        result = OpResult("unload", targets, results, cancelled=cancel.cancelled,
+                          answer=unload_answer(model, chat=path == "/api/chat"))
+        for node in targets:
+            if results[node.id].ok:  # gone from memory now, whatever a probe still shows
+                self.registry.set_loaded(node, [e for e in node.loaded
+                                                if not _names(e, key)])
+        self._log_failures(result)
+        return result
+
     # -- shared steps ------------------------------------------------------------
     async def _progress(self, verb: str, path: str, body: dict[str, Any],
                         targets: list[NodeState], emit: Emit | None, cancel: Cancel,
@@ -257,3 +327,11 @@ class ModelOps:
             if not outcome.ok and (outcome.code is None or outcome.code >= 500):
                 log.warning("%s on %s failed: %s", result.verb, node.name, outcome.error)
 
+
+def _names(entry: dict[str, Any], key: str) -> bool:
+    """Whether an /api/ps entry is the model with canonical `key`."""
+    name = entry.get("model") or entry.get("name")
+    try:
+        return isinstance(name, str) and modelnames.canonical(name) == key
+    except modelnames.InvalidModelName:
+        return False
