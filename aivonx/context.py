@@ -16,6 +16,7 @@ from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .listings import Listings
 from .metrics import Metrics
+from .modelops import FanOut, ModelOps
 from .monitor import Monitor
 from .nodes import NodeService
 from .registry import NodeState, Registry
@@ -51,6 +52,9 @@ class Context:
         self.monitor.on_models_changed = self.nodes.models_changed
         self.listings = Listings(self.registry, self.monitor.client, settings.probe_timeout,
                                  on_models_changed=self.nodes.models_changed)
+        fanout = FanOut(self.relay.client, connect_timeout=settings.connect_timeout,
+                        idle_timeout=settings.idle_timeout)
+        self.modelops = ModelOps(self.registry, self.monitor, fanout, self.tasks)
         # A node answered 404 for a model it listed: look again right away.
         self.relay.on_missing_model = self.nodes.probe_soon
         self.auth = Auth(settings.root_password)

@@ -61,11 +61,13 @@ class ShowHandler(ModelRelayHandler):
 
 
 class GenerateHandler(ModelRelayHandler):
+    unload_field = "prompt"
     fields = {"prompt": (str,), "suffix": (str,), "system": (str,), "template": (str,),
               "images": (list,), "raw": (bool,), "context": (list,)}
 
 
 class ChatHandler(ModelRelayHandler):
+    unload_field = "messages"
     fields = {"messages": (list,), "tools": (list,)}
 
 

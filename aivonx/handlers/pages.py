@@ -14,7 +14,6 @@ Ollama API's POSTs.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -24,12 +23,13 @@ from typing import Any
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .. import modelnames, modelops, nodes, pulls
+from .. import modelnames, nodes
 from ..auth import AuthError
 from ..registry import HISTORY_LENGTH, NodeState
 from ..router import STRATEGIES
 from ..status import cluster_state
 from ..context import Context
+from ..modelops import Cancel
 from .base import BaseHandler
 
 log = logging.getLogger("aivonx.pages")
@@ -59,8 +59,6 @@ BLANK_NODE = {"id": 0, "name": "", "url": "", "status": "standby", "health": "un
               "health_reason": "", "since": None, "reason": "", "latency": None,
               "latency_history": [], "active_requests": 0, "slots": 4, "weight": 1.0,
               "requests_served": 0, "errors": 0, "models": [], "loaded": []}
-
-_background: set[asyncio.Future] = set()  # pulls started without JavaScript
 
 
 def ago(since: float | None, now: float | None = None) -> str:
@@ -458,7 +456,7 @@ class PullFormHandler(FormHandler):
 
     def initialize(self, ctx: Context) -> None:
         super().initialize(ctx)
-        self.cancel = pulls.Cancel()
+        self.cancel = Cancel()
 
     def on_connection_close(self) -> None:
         self.cancel.cancel()  # the page went away: stop the nodes' downloads
@@ -489,9 +487,7 @@ class PullFormHandler(FormHandler):
         model, targets = self.model(), self.targets()
         names = ", ".join(n.name for n in targets)
         if "application/x-ndjson" not in self.request.headers.get("Accept", ""):
-            task = asyncio.ensure_future(self.pull(model, targets, lambda node, line: None))
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            self.ctx.modelops.start_pull(model, targets)
             self.done(f"Pulling {model} on {names}. It shows under Models when done.")
             return
         self.set_header("Content-Type", "application/x-ndjson")
@@ -501,25 +497,10 @@ class PullFormHandler(FormHandler):
         async def progress(node: NodeState, line: dict[str, Any]) -> None:
             await self.send({**line, "node_id": node.id, "node": node.name})
 
-        summary = await self.pull(model, targets, progress, self.cancel)
-        if not self.cancel.cancelled:
-            await self.send(summary)
+        result = await self.ctx.modelops.pull(model, targets, progress, cancel=self.cancel)
+        if not result.cancelled:
+            await self.send(result.summary(model))
             self.finish()
-
-    async def pull(self, model: str, targets: list[NodeState], progress: Any,
-                   cancel: pulls.Cancel | None = None) -> dict[str, Any]:
-        results = await pulls.pull(self.ctx, model, targets, progress, cancel=cancel)
-        if cancel is not None and cancel.cancelled:
-            return {}
-        await modelops.reprobe(self.ctx, targets)  # the table lists it at once
-        error = modelops.failure_message("pull", targets,
-                                         {i: r.get("error") for i, r in results.items()})
-        summary = {"done": True, "model": model, "status": "error" if error else "success",
-                   "results": [{"node_id": n.id, "node": n.name, **results[n.id]}
-                               for n in targets]}
-        if error:
-            summary["error"] = error
-        return summary
 
     async def send(self, obj: dict[str, Any]) -> None:
         if self.cancel.cancelled:

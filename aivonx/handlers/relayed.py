@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import bodyscan, modelnames
 from ..bodyscan import Large
+from ..modelops import Cancel, is_unload
 from ..relay import Exchange
 from ..sink import ClientSink
 from ..router import NoHealthyNode, NoSuchModel
@@ -61,7 +62,11 @@ class ModelRelayHandler(BaseHandler):
     # Ollama's own not-found wording differs between endpoints.
     not_found = "model '{}' not found"
 
+    # The field that, empty with keep_alive 0, makes the request an unload.
+    unload_field: str | None = None
+
     exchange: Exchange | None = None
+    unloading: Cancel | None = None
     client_gone = False
 
     max_body = None  # prompts with images: up to the server-wide limit
@@ -71,6 +76,8 @@ class ModelRelayHandler(BaseHandler):
         self.client_gone = True
         if self.exchange is not None:
             self.exchange.cancel()
+        if self.unloading is not None:
+            self.unloading.cancel()
 
     def model_name(self, body: dict[str, Any]) -> str:
         for field in self.model_fields:
@@ -113,6 +120,9 @@ class ModelRelayHandler(BaseHandler):
         key = self.model_key(name)
         if self.client_gone:
             return
+        if self.unload_field is not None and is_unload(body, self.unload_field):
+            if await self.unload(name, key, body):
+                return
         ctx = self.ctx
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
@@ -134,3 +144,18 @@ class ModelRelayHandler(BaseHandler):
             self.exchange = None  # the exchange points back at this handler
         if not self.client_gone and not self.request.connection.stream.closed():
             self.finish()
+
+    async def unload(self, name: str, key: str, body: dict[str, Any]) -> bool:
+        """Every node holding the model in memory lets it go, answered once.
+        False when none holds it: the request is relayed as any other."""
+        self.unloading = Cancel()
+        result = await self.ctx.modelops.unload(name, key, self.request.path, body,
+                                                self.unloading)
+        if result is None:
+            return False
+        if result.cancelled:
+            return True
+        if not result.ok:
+            raise ApiError(result.status, result.message)
+        self.write_json(result.answer)
+        return True
