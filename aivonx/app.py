@@ -13,10 +13,13 @@ from .settings import Settings
 
 
 def _asset_root() -> str:
-    """Where templates/ and static/ are: beside the package in a checkout,
-    under <prefix>/share/aivonx after `pip install .`."""
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for root in (checkout, os.path.join(sys.prefix, "share", "aivonx")):
+    """Where templates/ and static/ are: inside the package in the one-file
+    build (scripts/build_zipapp.py), beside it in a checkout, under
+    <prefix>/share/aivonx after `pip install .`."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(package)
+    for root in (os.path.join(package, "assets"), checkout,
+                 os.path.join(sys.prefix, "share", "aivonx")):
         if os.path.isdir(os.path.join(root, "templates")):
             return root
     return checkout
