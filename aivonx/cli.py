@@ -8,13 +8,15 @@ import signal
 import sys
 from typing import Sequence
 
+from . import logs
 from .app import bound_port, serve
+from .reload import reload_settings
 from .settings import parse_settings
 
 log = logging.getLogger("aivonx")
 
 
-async def _serve_forever(settings) -> None:
+async def _serve_forever(settings, argv: Sequence[str]) -> None:
     ctx, server = await serve(settings)
     log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
              bound_port(server), len(ctx.registry.nodes))
@@ -22,6 +24,8 @@ async def _serve_forever(settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, reload_settings, settings, argv)
     await stop.wait()
     await shutdown(ctx, server, settings.shutdown_grace)
 
@@ -62,10 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .passwd import main as passwd
         return passwd(argv[1:])
     settings = parse_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level)
     try:
-        run_loop(_serve_forever(settings))
+        run_loop(_serve_forever(settings, argv))
     except OSError as exc:
         print(f"aivonx: {exc}", file=sys.stderr)
         return 1

@@ -44,6 +44,12 @@ class Settings:
     max_wait: float = 120.0
     # On SIGTERM/SIGINT, in-flight requests get this long to finish.
     shutdown_grace: float = 30.0
+    # A file of AIVONX_*=value lines, read at start and again on SIGHUP.
+    env_file: str | None = None
+
+
+# What SIGHUP applies to a running process; anything else needs a restart.
+RELOADABLE = ("log_level",)
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -63,6 +69,12 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {text!r}")
     return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text.lower()
 
 
 def _positive_int(text: str) -> int:
@@ -113,9 +125,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         metavar="URL",
                         help="an Ollama node, e.g. http://gpu1:11434; repeatable "
                              "(AIVONX_NODES, comma-separated)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS,
-                        default=(_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level).lower(),
+    # A string default goes through type=, which checks AIVONX_LOG_LEVEL too.
+    parser.add_argument("--log-level", choices=LOG_LEVELS, type=_log_level,
+                        default=_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level,
                         help="log verbosity (AIVONX_LOG_LEVEL, default info)")
+    parser.add_argument("--env-file", default=_env(env, "AIVONX_ENV_FILE"), metavar="PATH",
+                        help="KEY=value lines (a systemd EnvironmentFile) that win over the "
+                             "environment; re-read on SIGHUP (AIVONX_ENV_FILE)")
     root_password = _env(env, "AIVONX_ROOT_PASSWORD") or _env(env, "ROOT_PASSWORD")
     parser.set_defaults(env_nodes=env_nodes, root_password=root_password)
     return parser
@@ -125,10 +141,38 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     nodes = args.nodes if args.nodes is not None else args.env_nodes
     simple = {flag[2:].replace("-", "_") for flag, *_ in _SIMPLE_FLAGS}
     return Settings(nodes=list(nodes), log_level=args.log_level,
-                    root_password=args.root_password,
+                    root_password=args.root_password, env_file=args.env_file,
                     **{name: getattr(args, name) for name in simple})
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=value lines as systemd's EnvironmentFile= reads them: blank lines
+    and lines starting with # or ; skipped, optional `export `, one level of
+    matching quotes removed."""
+    values = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line[0] in "#;" or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            key = key.strip().removeprefix("export ").strip()
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[key] = value
+    return values
 
 
 def parse_settings(argv: Sequence[str] | None = None,
                    environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags, then the --env-file (the admin's latest word: on SIGHUP it is
+    newer than the process environment), then the environment."""
+    environ = os.environ if environ is None else environ
+    first = build_parser(environ).parse_args(argv)
+    if first.env_file:
+        try:
+            environ = {**environ, **read_env_file(first.env_file)}
+        except (OSError, UnicodeDecodeError) as exc:
+            build_parser(environ).error(f"--env-file: {exc}")
     return settings_from_args(build_parser(environ).parse_args(argv))
