@@ -10,6 +10,7 @@ from tornado.httpserver import HTTPServer
 from .context import Context
 from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
 from .settings import Settings
+from .startup import StartupError, check_no_loop
 
 
 def _asset_root() -> str:
@@ -125,6 +126,12 @@ async def serve(settings: Settings) -> tuple[Context, HTTPServer]:
     """Open the store, probe the nodes, listen. Returns what to close."""
     ctx = Context(settings)
     ctx.open_store()
+    try:
+        check_no_loop(settings.host, settings.port,
+                      ((n.name, n.address, n.port) for n in ctx.registry.nodes.values()))
+    except StartupError:
+        ctx.close()
+        raise
     await ctx.start()
     server = make_server(ctx)
     server.listen(settings.port, address=settings.host)

@@ -12,6 +12,7 @@ from . import logs
 from .app import bound_port, serve
 from .reload import reload_settings
 from .settings import parse_settings
+from .startup import StartupError
 
 log = logging.getLogger("aivonx")
 
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level)
     try:
         run_loop(_serve_forever(settings, argv))
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         print(f"aivonx: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from .startup import ollama_host
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -46,6 +48,9 @@ class Settings:
     shutdown_grace: float = 30.0
     # A file of AIVONX_*=value lines, read at start and again on SIGHUP.
     env_file: str | None = None
+    # Served when the store has no node and none is given (the command line
+    # sets it from OLLAMA_HOST; None in code that builds Settings itself).
+    local_node: str | None = None
 
 
 # What SIGHUP applies to a running process; anything else needs a restart.
@@ -175,4 +180,6 @@ def parse_settings(argv: Sequence[str] | None = None,
             environ = {**environ, **read_env_file(first.env_file)}
         except (OSError, UnicodeDecodeError) as exc:
             build_parser(environ).error(f"--env-file: {exc}")
-    return settings_from_args(build_parser(environ).parse_args(argv))
+    settings = settings_from_args(build_parser(environ).parse_args(argv))
+    settings.local_node = ollama_host(environ)
+    return settings
