@@ -105,6 +105,7 @@ def make_app(ctx: Context) -> tornado.web.Application:
         log_function=base.log_request,
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
+        static_handler_class=base.StaticHandler,
         # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The
         # status page's forms check the token themselves (handlers/pages.py).
         xsrf_cookie_kwargs=pages.XSRF_COOKIE_KWARGS,

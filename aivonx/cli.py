@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .passwd import main as passwd
         return passwd(argv[1:])
     settings = parse_settings(argv)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     try:
         run_loop(_serve_forever(settings, argv))
     except (OSError, StartupError) as exc:

@@ -23,7 +23,7 @@ def reload_settings(current: Settings, argv: Sequence[str]) -> list[str]:
     changed = [name for name in RELOADABLE if getattr(fresh, name) != getattr(current, name)]
     for name in changed:
         setattr(current, name, getattr(fresh, name))
-    logs.set_level(current.log_level)
+    logs.configure(current.log_level, current.log_format)
     pending = [f.name for f in dataclasses.fields(Settings)
                if f.name not in RELOADABLE and getattr(fresh, f.name) != getattr(current, f.name)]
     log.info("reloaded settings: %s", ", ".join(f"{name}={getattr(current, name)}"

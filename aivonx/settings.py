@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from .logs import LOG_FORMATS
 from .startup import ollama_host
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -23,6 +24,7 @@ class Settings:
     nodes: list[str] = field(default_factory=list)
     health_interval: float = 10.0
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object a line (aivonx.logs)
     # Upstream timeouts. There is no total deadline on a generation: a
     # connect timeout plus an idle (no byte received) timeout instead, long
     # enough for a cold model load, which sends nothing for minutes.
@@ -54,7 +56,7 @@ class Settings:
 
 
 # What SIGHUP applies to a running process; anything else needs a restart.
-RELOADABLE = ("log_level",)
+RELOADABLE = ("log_level", "log_format")
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -79,6 +81,12 @@ def _port(text: str) -> int:
 def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text.lower()
+
+
+def _log_format(text: str) -> str:
+    if text.lower() not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_FORMATS)}, got {text!r}")
     return text.lower()
 
 
@@ -134,6 +142,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=_log_level,
                         default=_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level,
                         help="log verbosity (AIVONX_LOG_LEVEL, default info)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, type=_log_format,
+                        default=_env(env, "AIVONX_LOG_FORMAT") or defaults.log_format,
+                        help="text, or json: one object a line (AIVONX_LOG_FORMAT, "
+                             "default text)")
     parser.add_argument("--env-file", default=_env(env, "AIVONX_ENV_FILE"), metavar="PATH",
                         help="KEY=value lines (a systemd EnvironmentFile) that win over the "
                              "environment; re-read on SIGHUP (AIVONX_ENV_FILE)")
@@ -145,7 +157,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 def settings_from_args(args: argparse.Namespace) -> Settings:
     nodes = args.nodes if args.nodes is not None else args.env_nodes
     simple = {flag[2:].replace("-", "_") for flag, *_ in _SIMPLE_FLAGS}
-    return Settings(nodes=list(nodes), log_level=args.log_level,
+    return Settings(nodes=list(nodes), log_level=args.log_level, log_format=args.log_format,
                     root_password=args.root_password, env_file=args.env_file,
                     **{name: getattr(args, name) for name in simple})
 
