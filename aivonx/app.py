@@ -8,6 +8,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 
 from .context import Context
+from .intake import GuardedApplication
 from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
 from .settings import Settings
 from .startup import StartupError, check_no_loop
@@ -97,8 +98,12 @@ def routes(ctx: Context) -> list[tuple]:
 
 
 def make_app(ctx: Context) -> tornado.web.Application:
-    return tornado.web.Application(
+    settings = ctx.settings
+    return GuardedApplication(
         routes(ctx),
+        budget=ctx.body_budget,
+        max_body=settings.max_body_size,
+        body_timeout=settings.body_timeout,
         default_handler_class=base.NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,  # streams must reach clients chunk by chunk
@@ -119,8 +124,7 @@ def make_server(ctx: Context) -> HTTPServer:
     return HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
                       max_buffer_size=settings.max_body_size,
                       max_header_size=settings.max_header_size,
-                      idle_connection_timeout=settings.header_timeout,
-                      body_timeout=settings.idle_timeout)
+                      idle_connection_timeout=settings.header_timeout)
 
 
 async def serve(settings: Settings) -> tuple[Context, HTTPServer]:

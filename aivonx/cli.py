@@ -11,6 +11,7 @@ from typing import Sequence
 from . import logs
 from .app import bound_port, serve
 from .reload import reload_settings
+from .store import StoreError
 from .settings import parse_settings
 from .startup import StartupError
 
@@ -19,14 +20,15 @@ log = logging.getLogger("aivonx")
 
 async def _serve_forever(settings, argv: Sequence[str]) -> None:
     ctx, server = await serve(settings)
-    log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
-             bound_port(server), len(ctx.registry.nodes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if hasattr(signal, "SIGHUP"):
         loop.add_signal_handler(signal.SIGHUP, reload_settings, settings, argv)
+    # Only now: whoever waits for this line may send SIGTERM at once.
+    log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
+             bound_port(server), len(ctx.registry.nodes))
     await stop.wait()
     await shutdown(ctx, server, settings.shutdown_grace)
 
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     try:
         run_loop(_serve_forever(settings, argv))
-    except (OSError, StartupError) as exc:
+    except (OSError, StoreError, StartupError) as exc:
         print(f"aivonx: {exc}", file=sys.stderr)
         return 1
     return 0

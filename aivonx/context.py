@@ -12,16 +12,19 @@ import peewee
 
 from . import store
 from .auth import Auth
+from .dblock import DatabaseLock
+from .intake import BodyBudget
 from .listings import Listings
 from .metrics import Metrics
 from .monitor import Monitor
 from .nodes import NodeService
-from .registry import Registry
+from .registry import NodeState, Registry
 from .relay import Relay
 from .router import Router
 from .scheduler import Scheduler
 from .settings import Settings
 from .tasks import BackgroundTasks
+from .upstream import node_ssl_context
 
 log = logging.getLogger("aivonx")
 
@@ -35,25 +38,40 @@ class Context:
         self.scheduler = Scheduler(self.registry, self.router, max_queue=settings.max_queue,
                                    max_wait=settings.max_wait)
         self.metrics = Metrics()
+        node_ssl = node_ssl_context(settings.node_ca_file)
         self.relay = Relay(self.registry, self.router, self.scheduler, self.metrics,
                            connect_timeout=settings.connect_timeout,
                            idle_timeout=settings.idle_timeout,
-                           max_body_size=settings.max_body_size)
+                           max_body_size=settings.max_body_size, node_ssl=node_ssl)
         self.monitor = Monitor(self.registry, interval=settings.health_interval,
-                               timeout=settings.probe_timeout,
-                               on_status_changed=lambda node: self.scheduler.dispatch())
+                               timeout=settings.probe_timeout, node_ssl=node_ssl,
+                               on_status_changed=self._status_changed)
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
-                                 self.tasks)
+                                 self.tasks, close_idle=self.relay.client.close_idle)
         self.monitor.on_models_changed = self.nodes.models_changed
         self.listings = Listings(self.registry, self.monitor.client, settings.probe_timeout,
                                  on_models_changed=self.nodes.models_changed)
         # A node answered 404 for a model it listed: look again right away.
         self.relay.on_missing_model = self.nodes.probe_soon
         self.auth = Auth(settings.root_password)
+        self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.db: peewee.Database | None = None
+        self.db_lock: DatabaseLock | None = None
+
+    def _status_changed(self, node: NodeState) -> None:
+        if not node.healthy:
+            self.relay.node_down(node)
+        self.scheduler.dispatch()  # a node back may wake waiting requests
 
     def open_store(self) -> None:
-        self.db = store.open_database(self.settings.db)
+        """StoreError (one line saying why) when the database is in use by
+        another process or cannot be opened."""
+        self.db_lock = DatabaseLock(self.settings.db)
+        try:
+            self.db = store.open_database(self.settings.db)
+        except store.StoreError:
+            self.db_lock.release()
+            raise
         generated = self.auth.ensure_root()
         if generated:
             log.warning("created user root with the generated password %s (shown only "
@@ -76,3 +94,5 @@ class Context:
         self.relay.close()
         if self.db is not None:
             self.db.close()
+        if self.db_lock is not None:
+            self.db_lock.release()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from typing import Any, Callable
 
@@ -35,10 +36,12 @@ class ProbeError(Exception):
     pass
 
 
-def make_probe_client() -> AsyncHTTPClient:
-    """Probes have their own client so they never queue behind generations."""
+def make_probe_client(node_ssl: ssl.SSLContext | None = None) -> AsyncHTTPClient:
+    """Probes have their own client so they never queue behind generations;
+    `node_ssl` verifies HTTPS nodes as the relay does."""
     return AsyncHTTPClient(force_instance=True, max_clients=1000,
-                           max_body_size=MAX_PROBE_BODY, resolver=CachingResolver())
+                           max_body_size=MAX_PROBE_BODY, resolver=CachingResolver(),
+                           defaults={"ssl_options": node_ssl} if node_ssl else None)
 
 
 def parse_model_list(body: bytes) -> list[dict[str, Any]]:
@@ -60,11 +63,12 @@ def parse_model_list(body: bytes) -> list[dict[str, Any]]:
 class Monitor:
     def __init__(self, registry: Registry, *, interval: float, timeout: float,
                  on_models_changed: Callable[[NodeState], None] | None = None,
-                 on_status_changed: Callable[[NodeState], None] | None = None) -> None:
+                 on_status_changed: Callable[[NodeState], None] | None = None,
+                 node_ssl: ssl.SSLContext | None = None) -> None:
         self.registry = registry
         self.interval = interval
         self.timeout = timeout
-        self.client = make_probe_client()
+        self.client = make_probe_client(node_ssl)
         self.on_models_changed = on_models_changed
         self.on_status_changed = on_status_changed
         self._periodic: PeriodicCallback | None = None

@@ -52,6 +52,8 @@ def split_address(text: str) -> tuple[str, int | None]:
         port = parts.port
     except ValueError as exc:
         raise InvalidAddress(f"invalid port in address: {exc}") from None
+    if port == 0:  # urlsplit accepts it; nothing listens there
+        raise InvalidAddress("the port in address must be between 1 and 65535")
     host = _check_host(parts.hostname or "")
     if ":" in host:
         host = f"[{host}]"

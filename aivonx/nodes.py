@@ -13,12 +13,13 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import peewee
 
 from . import store
-from .nodeaddr import DEFAULT_PORT, InvalidAddress, default_name, parse_node_url, split_address
+from .nodeaddr import (DEFAULT_PORT, InvalidAddress, base_url, default_name, parse_node_url,
+                       split_address)
 from .registry import NodeState, Registry
 from .router import DEFAULT_STRATEGY, STRATEGIES, Router
 from .tasks import BackgroundTasks
@@ -161,12 +162,14 @@ class NodeService:
     after every call."""
 
     def __init__(self, registry: Registry, router: Router, scheduler: Any, monitor: Any,
-                 tasks: BackgroundTasks) -> None:
+                 tasks: BackgroundTasks, close_idle: Callable[[str], None]) -> None:
         self.registry = registry
         self.router = router
         self.scheduler = scheduler
         self.monitor = monitor
         self.tasks = tasks
+        # Closes the kept-alive upstream connections to a node's URL.
+        self.close_idle = close_idle
         self.persist = False  # set once the store is open
 
     # -- start-up --------------------------------------------------------------
@@ -224,6 +227,8 @@ class NodeService:
         values = _clean(data, node, partial)
         moved = (values.get("address", node.address), values["port"]) != (node.address, node.port)
         enabled = values.get("active", node.active) and not node.active
+        drained = node.active and not values.get("active", node.active)
+        old_url = base_url(node.address, node.port)
         for field, value in values.items():
             setattr(node, field, value)
         if moved:
@@ -232,6 +237,8 @@ class NodeService:
         state = self.sync(node)
         if moved or enabled:
             self.probe_soon(state)
+        if moved or drained:
+            self.close_idle(old_url)  # requests in flight keep theirs
         log.info("updated node %s: %s", node.id, ", ".join(sorted(values)))
         return node
 
@@ -242,6 +249,7 @@ class NodeService:
             raise LookupError(node_id)
         node.delete_instance()
         self.registry.remove(node_id)
+        self.close_idle(base_url(node.address, node.port))
         log.info("deleted node %s (%s:%s)", node.id, node.address, node.port)
 
     def set_strategy(self, name: Any) -> None:

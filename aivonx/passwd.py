@@ -37,12 +37,12 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     try:
         password = _read_password()
-        db = store.open_database(args.db)
+        db = store.open_database(args.db, store.PATIENT_BUSY_TIMEOUT_MS)
         try:
             created = asyncio.run(Auth().set_password(args.username, password))
         finally:
             db.close()
-    except (ValueError, KeyboardInterrupt, EOFError) as exc:
+    except (ValueError, KeyboardInterrupt, EOFError, store.StoreError) as exc:
         print(f"aivonx passwd: {exc or 'cancelled'}", file=sys.stderr)
         return 1
     print(f"{'created user' if created else 'password changed for'} {args.username}")

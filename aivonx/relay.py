@@ -13,32 +13,30 @@ while the node is silent during a model load.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import ssl
 import time
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 from tornado import httputil
 from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
-from .errors import error_body, stream_error_chunk
+from .metrics import Metrics
 from .registry import NodeState, Registry
+from .router import Router, Unroutable
+from .scheduler import Scheduler, Slot
+from .sink import HOP_BY_HOP, ClientSink, connection_tokens
 from .upstream import ConnectionHandle, UpstreamRequest, make_upstream_client
 
 log = logging.getLogger("aivonx.relay")
 
-# Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1),
-# plus what the proxy itself must set for the upstream or the client.
-HOP_BY_HOP = frozenset(h.lower() for h in (
-    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-    "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
-))
 # The client's credentials are for the proxy, not the nodes; the Host sent
 # upstream must be the node's own (a loopback-bound Ollama answers 403 to
 # foreign hosts); the body length and encoding are the relay's business.
 NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length",
                                  "accept-encoding", "expect"}
-NOT_FORWARDED_DOWN = HOP_BY_HOP | {"date", "server"}
 
 # Upstream answers that mean "try another node" when nothing has reached
 # the client yet: the node lacks the model after all, is overloaded, or
@@ -48,14 +46,18 @@ BUSY_STATUS = frozenset({429, 503})
 MAX_BUFFERED_ERROR = 64 * 1024
 
 
-class Sink(Protocol):
-    """What the relay writes to: a tornado RequestHandler fits."""
-
-    def set_status(self, status_code: int, reason: str | None = None) -> None: ...
-    def set_header(self, name: str, value: Any) -> None: ...
-    def clear_header(self, name: str) -> None: ...
-    def write(self, chunk: bytes) -> None: ...
-    def flush(self) -> Any: ...
+def upstream_headers(headers: httputil.HTTPHeaders) -> httputil.HTTPHeaders:
+    """The client's headers a node gets: every value of each end-to-end
+    header, nothing hop-by-hop (also what the client named in Connection)."""
+    dropped = NOT_FORWARDED_UP | connection_tokens(headers)
+    out = httputil.HTTPHeaders()
+    for name, value in headers.get_all():
+        if name.lower() not in dropped:
+            out.add(name, value)
+    if "Content-Type" not in out:
+        out["Content-Type"] = "application/json"
+    out["Connection"] = "keep-alive"
+    return out
 
 
 class Attempt:
@@ -74,6 +76,10 @@ class Attempt:
         self.started = time.monotonic()
         self.first_chunk_at: float | None = None
         self.last_activity = self.started
+        # How the upstream exchange ended (not its HTTPResponse, which would
+        # keep the request body alive as long as the attempt).
+        self.code: int | None = None
+        self.error: BaseException | None = None
 
     def on_head(self, status: int, reason: str, headers: httputil.HTTPHeaders) -> None:
         self.last_activity = time.monotonic()
@@ -83,7 +89,7 @@ class Attempt:
         if self.can_retry and status in RETRYABLE_STATUS:
             return  # buffer the body; the exchange decides on failover
         self.forwarding = True
-        self.exchange.send_head(self, status, reason, headers)
+        self.exchange.forward_head(self)
 
     async def on_chunk(self, chunk: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -96,36 +102,42 @@ class Attempt:
             return
         if self.first_chunk_at is None:
             self.first_chunk_at = self.last_activity
-        await self.exchange.send_chunk(chunk)
+        await self.exchange.sink.chunk(chunk)
+
+    @property
+    def failed(self) -> bool:
+        """The node gave no complete answer (refused, reset, timed out, cut)."""
+        return self.code is None or self.code == 599
+
+    def ended(self, response: HTTPResponse) -> None:
+        self.code = response.code
+        self.error = response.error.with_traceback(None) if response.error else None
 
 
 class Exchange:
     """A client request relayed to the first node that takes it.
 
-    Nodes come from the scheduler one at a time, each with a reserved slot;
-    a node that fails before anything reached the client is excluded and the
-    next one is asked for, waiting in the queue if all are busy.
+    Nodes come from the scheduler one at a time, each with a slot held for
+    the attempt; a node that fails before anything reached the client is
+    excluded and the next one is asked for, waiting in the queue if all are
+    busy.
     """
 
-    def __init__(self, relay: "Relay", sink: Sink, method: str, path: str,
+    def __init__(self, relay: "Relay", sink: ClientSink, method: str, path: str,
                  headers: httputil.HTTPHeaders, body: bytes | None,
-                 style: str = "ollama", model: str = "", received_at: float | None = None) -> None:
+                 model: str = "", received_at: float | None = None) -> None:
         self.relay = relay
         self.sink = sink
         self.method = method
         self.path = path
-        self.up_headers = {k: v for k, v in headers.get_all()
-                           if k.lower() not in NOT_FORWARDED_UP}
-        self.up_headers["Connection"] = "keep-alive"
+        self.up_headers = upstream_headers(headers)
         self.body = body
-        self.style = style
         self.model = model
         self.received_at = time.monotonic() if received_at is None else received_at
         self.queued = 0.0
         self.cancelled = False
         self.gone: asyncio.Future = asyncio.get_running_loop().create_future()
         self.attempt: Attempt | None = None
-        self.content_type = ""
 
     def cancel(self) -> None:
         """The client went away: close the upstream connection now."""
@@ -135,44 +147,6 @@ class Exchange:
         if self.attempt is not None:
             self.attempt.handle.close("client disconnected")
 
-    def send_head(self, attempt: Attempt, status: int, reason: str,
-                  headers: httputil.HTTPHeaders) -> None:
-        sink = self.sink
-        sink.set_status(status, reason or None)
-        sink.clear_header("Content-Type")
-        for name, value in headers.get_all():
-            if name.lower() not in NOT_FORWARDED_DOWN:
-                sink.set_header(name, value)
-        # Which node answered, and what the proxy itself cost (queueing and
-        # the node's own time excluded).
-        overhead = (attempt.started - self.received_at - self.queued
-                    + time.monotonic() - attempt.last_activity)
-        sink.set_header("X-Aivonx-Node", attempt.node.header_name)
-        sink.set_header("X-Aivonx-Overhead-Ms", f"{max(overhead, 0.0) * 1000:.3f}")
-        self.relay.metrics.overhead.observe((), max(overhead, 0.0))
-        self.content_type = headers.get("Content-Type", "")
-
-    async def send_chunk(self, chunk: bytes) -> None:
-        self.sink.write(chunk)
-        await self.sink.flush()
-
-    def _more_candidates(self, key: str, tried: set[int]) -> bool:
-        try:
-            return any(n.id not in tried for n in self.relay.router.eligible(key))
-        except (LookupError, RuntimeError):
-            return False
-
-    async def _next_node(self, key: str, tried: set[int]) -> NodeState | None:
-        scheduler = self.relay.scheduler
-        asked = time.monotonic()
-        try:
-            return await scheduler.acquire(key, tried, self.gone)
-        finally:
-            waited = time.monotonic() - asked
-            self.queued += waited
-            if waited > 0.0005:
-                self.relay.metrics.queue_wait.observe((), waited)
-
     async def run(self, key: str) -> None:
         """Relay the request to the best node for the model `key`.
 
@@ -181,86 +155,107 @@ class Exchange:
         answers them. Later failures end with the last node's answer or a
         503 written here."""
         tried: set[int] = set()
-        node = await self._next_node(key, tried)
-        last: Attempt | None = None
-        last_error = "no node available"
-        while node is not None and not self.cancelled:
-            tried.add(node.id)
-            attempt = Attempt(self, node, self._more_candidates(key, tried))
-            self.attempt = attempt
-            response = await self.relay.fetch(self, attempt)
+        refused: Attempt | None = None
+        why = "no node available"
+        try:
+            while not self.cancelled:
+                try:
+                    async with self.relay.scheduler.slot(key, tried, self.gone) as slot:
+                        if slot is None:
+                            break
+                        attempt = await self._attempt(slot, key, tried)
+                        if self.cancelled:
+                            return
+                        if attempt.forwarding:
+                            await self._finish_stream(attempt)
+                            return
+                        why = self._failed_over(attempt)
+                        if attempt.status is not None:
+                            refused = attempt
+                except Unroutable:
+                    if not tried:
+                        raise
+                    break
             if self.cancelled:
                 return
-            if attempt.forwarding:
-                await self._finish_stream(attempt, response)
+            if refused is not None:
+                # Every node refused: pass the last node's own answer through.
+                self.forward_head(refused)
+                self.sink.body(bytes(refused.error_buffer))
                 return
-            # Nothing reached the client: note why, and try the next node.
-            if attempt.status is not None:
-                last = attempt
-                last_error = f"node {node.name} answered {attempt.status}"
-                if attempt.status == 404:
-                    self.relay.model_missing(node)
-            else:
-                last_error = f"node {node.name} failed: {describe_failure(response, attempt.handle)}"
-                self.relay.node_failed(node, last_error)
-            self.relay.metrics.failure(node.name, self.model, "status" if attempt.status
-                                       else "connect")
-            log.info("failing over from %s: %s", node.name, last_error)
-            try:
-                node = await self._next_node(key, tried)
-            except (LookupError, RuntimeError):
-                node = None
-        if self.cancelled:
-            return
-        if last is not None and last.status is not None:
-            # Every node refused: pass the last node's own answer through.
-            self.send_head(last, last.status, last.reason, last.headers)
-            self.sink.clear_header("Content-Length")
-            if last.error_buffer:
-                self.sink.write(bytes(last.error_buffer))
-            return
-        self.write_error(503, f"no node could serve the request ({last_error})")
+            self.sink.error(503, f"no node could serve the request ({why})")
+        finally:
+            # The request is over: let go of its body and its last attempt
+            # now, not at the next full garbage collection.
+            self.body = None
+            self.attempt = None
 
-    async def _finish_stream(self, attempt: Attempt, response: HTTPResponse) -> None:
-        if response.code != 599:
+    async def _attempt(self, slot: Slot, key: str, tried: set[int]) -> Attempt:
+        node = slot.node
+        tried.add(node.id)
+        self.queued += slot.waited
+        if slot.waited > 0.0005:
+            self.relay.metrics.queue_wait.observe((), slot.waited)
+        attempt = Attempt(self, node, self._more_candidates(key, tried))
+        self.attempt = attempt
+        attempt.ended(await self.relay.fetch(self, attempt))
+        slot.ok = not attempt.failed or self.cancelled
+        return attempt
+
+    def _more_candidates(self, key: str, tried: set[int]) -> bool:
+        try:
+            return any(n.id not in tried for n in self.relay.router.eligible(key))
+        except Unroutable:
+            return False
+
+    def _failed_over(self, attempt: Attempt) -> str:
+        """Nothing reached the client: note why, for the log and the node."""
+        node = attempt.node
+        if attempt.status is not None:
+            why = f"node {node.name} answered {attempt.status}"
+            if attempt.status == 404:
+                self.relay.model_missing(node)
+        else:
+            why = f"node {node.name} failed: {describe_failure(attempt, attempt.handle)}"
+            if not own_fault(attempt):
+                self.relay.node_failed(node, why)
+        self.relay.metrics.failure(node.name, self.model,
+                                   "status" if attempt.status else "connect")
+        log.info("failing over from %s: %s", node.name, why)
+        return why
+
+    def forward_head(self, attempt: Attempt) -> None:
+        overhead = (attempt.started - self.received_at - self.queued
+                    + time.monotonic() - attempt.last_activity)
+        self.sink.head(attempt.status or 502, attempt.reason, attempt.headers,
+                       attempt.node.header_name, overhead)
+        self.relay.metrics.overhead.observe((), max(overhead, 0.0))
+
+    async def _finish_stream(self, attempt: Attempt) -> None:
+        if not attempt.failed:
             return
         node = attempt.node
         message = (f"upstream node {node.name} failed mid-response: "
-                   f"{describe_failure(response, attempt.handle)}")
+                   f"{describe_failure(attempt, attempt.handle)}")
         log.warning(message)
         self.relay.metrics.failure(node.name, self.model, "midstream")
-        self.relay.transport_failed(node, message)
-        chunk = stream_error_chunk(self.content_type, message)
-        if chunk is not None:
-            try:
-                await self.send_chunk(chunk)
-            except Exception:  # the client may be gone as well
-                pass
-        else:
-            # A fixed-length body cannot be completed: cut the connection so
-            # the client sees a short read rather than a corrupt document.
-            conn = getattr(getattr(self.sink, "request", None), "connection", None)
-            if conn is not None:
-                conn.close()
-
-    def write_error(self, status: int, message: str) -> None:
-        """An error produced by the proxy itself, in the client's dialect."""
-        sink = self.sink
-        sink.set_status(status)
-        sink.set_header("Content-Type", "application/json; charset=utf-8")
-        if status >= 500:
-            # The openai SDK resends 5xx by itself; every node was tried already.
-            sink.set_header("x-should-retry", "false")
-        sink.write(error_body(self.style, message, status))
+        if not own_fault(attempt):
+            self.relay.transport_failed(node, message)
+        await self.sink.broken(message)
 
 
-def describe_failure(response: HTTPResponse, handle: ConnectionHandle) -> str:
+def describe_failure(outcome: HTTPResponse | Attempt, handle: ConnectionHandle) -> str:
     if handle.closed_reason is not None:
         return handle.closed_reason
-    error = response.error
-    if error is None:
-        return f"status {response.code}"
-    return str(error) or error.__class__.__name__
+    if outcome.error is None:
+        return f"status {outcome.code or 599}"
+    return str(outcome.error) or outcome.error.__class__.__name__
+
+
+def own_fault(outcome: HTTPResponse | Attempt) -> bool:
+    """The proxy itself ran out of file descriptors: not the node's fault."""
+    error = outcome.error
+    return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -273,17 +268,19 @@ def _retry_after(value: str | None) -> float | None:
 class Relay:
     """Shared relay machinery: the upstream client, timeouts, bookkeeping."""
 
-    def __init__(self, registry: Registry, router: Any, scheduler: Any, metrics: Any, *,
-                 connect_timeout: float, idle_timeout: float, max_body_size: int) -> None:
+    def __init__(self, registry: Registry, router: Router, scheduler: Scheduler,
+                 metrics: Metrics, *, connect_timeout: float, idle_timeout: float,
+                 max_body_size: int, node_ssl: ssl.SSLContext | None = None) -> None:
         self.registry = registry
         self.router = router
         self.scheduler = scheduler
         self.metrics = metrics
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.client = make_upstream_client(max_body_size)
+        self.client = make_upstream_client(max_body_size, node_ssl)
         # Set by the app: re-probe a node whose model list proved stale.
         self.on_missing_model: Callable[[NodeState], None] | None = None
+        self.attempts: dict[int, set[Attempt]] = {}  # in flight, by node id
 
     def node_failed(self, node: NodeState, reason: str) -> None:
         """A request could not reach the node: take it out of the pool now,
@@ -294,6 +291,14 @@ class Relay:
     def transport_failed(self, node: NodeState, reason: str) -> None:
         if self.registry.transport_failed(node, reason):
             log.warning("circuit opened for node %s: %s", node.name, node.reason)
+
+    def node_down(self, node: NodeState) -> None:
+        """The monitor found the node down (it stopped answering probes):
+        requests on it that have sent nothing to their client yet fail over
+        to another node, streams already started end with an error line,
+        rather than waiting out the idle timeout on a hung machine."""
+        for attempt in list(self.attempts.get(node.id, ())):
+            attempt.handle.close(f"node {node.name} stopped answering: {node.reason}")
 
     def node_busy(self, node: NodeState, retry_after: str | None) -> None:
         self.registry.busy(node, _retry_after(retry_after))
@@ -326,7 +331,8 @@ class Relay:
         """One upstream exchange on the node the scheduler reserved."""
         node = attempt.node
         watchdog = IdleWatchdog(attempt, self.idle_timeout)
-        ok = False
+        in_flight = self.attempts.setdefault(node.id, set())
+        in_flight.add(attempt)
         try:
             response = await self._send(exchange, attempt)
             if (response.code == 599 and attempt.handle.reused and attempt.status is None
@@ -335,11 +341,12 @@ class Relay:
                 # says nothing about the node. Once more on a new connection.
                 attempt.handle = ConnectionHandle(fresh_only=True)
                 response = await self._send(exchange, attempt)
-            ok = response.code != 599 or exchange.cancelled
             return response
         finally:
             watchdog.stop()
-            self.scheduler.release(node, ok)
+            in_flight.discard(attempt)
+            if not in_flight:
+                self.attempts.pop(node.id, None)
             if attempt.forwarding:
                 now = time.monotonic()
                 ttft = None if attempt.first_chunk_at is None else (

@@ -15,11 +15,15 @@ from .registry import NodeState, Registry
 Strategy = Callable[[list[NodeState], str, "Router"], list[NodeState]]
 
 
-class NoSuchModel(LookupError):
+class Unroutable(Exception):
+    """No node can be given to a request now (the kinds below say why)."""
+
+
+class NoSuchModel(Unroutable, LookupError):
     """No node, up or down, has ever listed the model: 404."""
 
 
-class NoHealthyNode(RuntimeError):
+class NoHealthyNode(Unroutable, RuntimeError):
     """Nodes have the model but none of them can take a request now: 503."""
 
 

@@ -11,18 +11,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 from dataclasses import dataclass, field
 
 from .registry import NodeState, Registry
-from .router import Router
+from .router import Router, Unroutable
 
 
-class QueueFull(RuntimeError):
+class QueueFull(Unroutable, RuntimeError):
     pass
 
 
-class QueueTimeout(RuntimeError):
+class QueueTimeout(Unroutable, RuntimeError):
     pass
+
+
+@dataclass(eq=False)
+class Slot:
+    """A node slot held by one request; `ok` says how the request went."""
+    node: NodeState
+    waited: float = 0.0
+    ok: bool = True
 
 
 @dataclass(eq=False)
@@ -103,6 +113,24 @@ class Scheduler:
             if served is None:
                 self._abandon(waiter)
 
+    @asynccontextmanager
+    async def slot(self, key: str, exclude: set[int],
+                   abandoned: asyncio.Future | None = None) -> AsyncIterator[Slot | None]:
+        """Hold a slot of the best free node for `key` (waiting in the queue
+        if all are busy) for the duration of the block, and free it after.
+        Yields None when every node was tried or the client left; raises
+        Unroutable as acquire does."""
+        asked = time.monotonic()
+        node = await self.acquire(key, exclude, abandoned)
+        if node is None:
+            yield None
+            return
+        held = Slot(node, waited=time.monotonic() - asked)
+        try:
+            yield held
+        finally:
+            self.release(node, held.ok)
+
     def _abandon(self, waiter: Waiter) -> None:
         """The waiter leaves unserved; a slot reserved for it in the meantime
         goes to the next one."""
@@ -127,7 +155,7 @@ class Scheduler:
         for waiter in list(self.waiters):
             try:
                 node = self._free_node(waiter.key, waiter.exclude)
-            except (LookupError, RuntimeError):
+            except Unroutable:
                 continue  # its model is gone or down for now: it keeps waiting
             if node is None:
                 continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -34,6 +35,15 @@ class Settings:
     # Base64 images make request bodies of hundreds of megabytes; Ollama
     # itself sets no limit.
     max_body_size: int = 1024 * 1024 * 1024
+    # Request bodies held in memory at once, over all requests; past it a
+    # request is answered 503 with Retry-After instead of risking the process.
+    max_body_in_flight: int = 1024 * 1024 * 1024
+    # A client sending a request body may pause this long between two reads
+    # (a slow sender must not hold a connection for the idle timeout).
+    body_timeout: float = 60.0
+    # Client connections open at once; past it Aivonx stops accepting until
+    # one closes. Also bounded by the process's file descriptor limit.
+    max_connections: int = 4096
     max_header_size: int = 64 * 1024
     # A client must send its request head within this many seconds (slow
     # senders would otherwise hold connections for ever); also how long an
@@ -48,6 +58,9 @@ class Settings:
     max_wait: float = 120.0
     # On SIGTERM/SIGINT, in-flight requests get this long to finish.
     shutdown_grace: float = 30.0
+    # A PEM bundle HTTPS nodes are verified against, instead of the
+    # system's trust store (e.g. a private CA or a self-signed node).
+    node_ca_file: str | None = None
     # A file of AIVONX_*=value lines, read at start and again on SIGHUP.
     env_file: str | None = None
     # Served when the store has no node and none is given (the command line
@@ -90,6 +103,15 @@ def _log_format(text: str) -> str:
     return text.lower()
 
 
+def _ca_file(path: str) -> str:
+    """A PEM bundle that loads as trusted certificates (read once at start)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot load CA bundle {path!r}: {exc}") from None
+    return path
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -116,6 +138,14 @@ _SIMPLE_FLAGS = [
      "seconds a request may wait for a slot before a 503"),
     ("--shutdown-grace", "AIVONX_SHUTDOWN_GRACE", _positive_float,
      "seconds in-flight requests get to finish on SIGTERM"),
+    ("--max-body-size", "AIVONX_MAX_BODY_SIZE", _positive_int,
+     "bytes: the largest request body accepted"),
+    ("--max-body-in-flight", "AIVONX_MAX_BODY_IN_FLIGHT", _positive_int,
+     "bytes of request bodies held in memory at once before requests get 503"),
+    ("--body-timeout", "AIVONX_BODY_TIMEOUT", _positive_float,
+     "seconds a client may pause while sending a request body"),
+    ("--max-connections", "AIVONX_MAX_CONNECTIONS", _positive_int,
+     "client connections open at once"),
 ]
 
 
@@ -149,6 +179,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument("--env-file", default=_env(env, "AIVONX_ENV_FILE"), metavar="PATH",
                         help="KEY=value lines (a systemd EnvironmentFile) that win over the "
                              "environment; re-read on SIGHUP (AIVONX_ENV_FILE)")
+    parser.add_argument("--node-ca-file", type=_ca_file, metavar="PEM",
+                        default=_env(env, "AIVONX_NODE_CA_FILE"),
+                        help="CA bundle that HTTPS nodes are verified against instead of the "
+                             "system's (AIVONX_NODE_CA_FILE, default the system's)")
     root_password = _env(env, "AIVONX_ROOT_PASSWORD") or _env(env, "ROOT_PASSWORD")
     parser.set_defaults(env_nodes=env_nodes, root_password=root_password)
     return parser
@@ -159,6 +193,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     simple = {flag[2:].replace("-", "_") for flag, *_ in _SIMPLE_FLAGS}
     return Settings(nodes=list(nodes), log_level=args.log_level, log_format=args.log_format,
                     root_password=args.root_password, env_file=args.env_file,
+                    node_ca_file=args.node_ca_file,
                     **{name: getattr(args, name) for name in simple})
 
 

@@ -3,21 +3,51 @@
 Routing never reads the database; the registry holds the live state. SQLite
 runs in WAL mode with synchronous=NORMAL, where a small write costs well
 under a millisecond, so the rare admin writes run inline on the event loop.
+They wait at most a couple of milliseconds for the write lock (another
+process holding it: `passwd`, a backup, a shell); past that the client gets
+503 and retries, rather than the event loop and every stream on it stalling
+for the seconds the lock may be held.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import logging
+import sqlite3
 from typing import Any
 
 import peewee
 from playhouse.migrate import SqliteMigrator, migrate
+from playhouse.sqlite_ext import AutoIncrementField
 
 
 log = logging.getLogger("aivonx.store")
 
 database = peewee.DatabaseProxy()
+
+# How long a write waits for SQLite's write lock: on the event loop just
+# enough for another process's sub-millisecond write; at start-up and in the
+# command line, which block nothing else, a while.
+SERVING_BUSY_TIMEOUT_MS = 2
+PATIENT_BUSY_TIMEOUT_MS = 5000
+
+
+class StoreError(Exception):
+    """The database cannot be used at all (start-up): one line saying why."""
+
+
+def unavailable(exc: BaseException) -> tuple[str, int] | None:
+    """For a storage failure a client can wait out (the database locked by
+    another process, the disk full): the message and Retry-After seconds to
+    answer with 503. None for anything else."""
+    if not isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)):
+        return None
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return "database busy, try again", 1
+    if "full" in text:
+        return "database or disk is full; the change was not saved", 60
+    return None
 
 
 def utcnow() -> datetime.datetime:
@@ -30,6 +60,9 @@ class BaseModel(peewee.Model):
 
 
 class Node(BaseModel):
+    # AUTOINCREMENT: a deleted node's id is never handed to the next node,
+    # so a script or a dashboard holding an old id cannot hit another node.
+    id = AutoIncrementField()
     name = peewee.CharField(max_length=100)
     address = peewee.CharField(max_length=300)
     port = peewee.IntegerField(default=11434)
@@ -95,19 +128,29 @@ class Token(BaseModel):
 MODELS = [Node, ProxyConfig, User, Token]
 
 
-def open_database(path: str) -> peewee.SqliteDatabase:
-    """Open (creating if needed) the database, bind the models and migrate."""
+def open_database(path: str,
+                  busy_timeout_ms: int = SERVING_BUSY_TIMEOUT_MS) -> peewee.SqliteDatabase:
+    """Open (creating if needed) the database, bind the models and migrate.
+    StoreError when it cannot be opened or written (a read-only file
+    system, a directory that does not exist)."""
     db = peewee.SqliteDatabase(path, pragmas={
         "journal_mode": "wal",
         "synchronous": "normal",
         "foreign_keys": 1,
-        "busy_timeout": 5000,
+        "busy_timeout": busy_timeout_ms,
     })
     database.initialize(db)
-    db.connect(reuse_if_open=True)
-    with db.atomic():
-        db.create_tables(MODELS, safe=True)
-        _add_missing_columns(db)
+    try:
+        db.connect(reuse_if_open=True)
+        db.execute_sql(f"PRAGMA busy_timeout = {max(busy_timeout_ms, PATIENT_BUSY_TIMEOUT_MS)}")
+        with db.atomic():
+            db.create_tables(MODELS, safe=True)
+            _add_missing_columns(db)
+            _never_reuse_node_ids(db)
+        db.execute_sql(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    except (peewee.DatabaseError, sqlite3.Error, OSError) as exc:
+        db.close()
+        raise StoreError(f"cannot open the database {path}: {exc}") from None
     return db
 
 
@@ -127,6 +170,26 @@ def _add_missing_columns(db: peewee.SqliteDatabase) -> None:
         migrate(*operations)
 
 
+def _never_reuse_node_ids(db: peewee.SqliteDatabase) -> None:
+    """Rebuild a node table made before ids were AUTOINCREMENT, keeping its
+    rows and their ids (SQLite cannot alter a primary key in place). Runs
+    inside open_database's transaction: all or nothing."""
+    row = db.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' "
+                         "AND name = 'node'").fetchone()
+    if row is None or "AUTOINCREMENT" in row[0].upper():
+        return
+    log.info("migrating: node ids are never reused (AUTOINCREMENT)")
+    columns = ", ".join(f'"{c.name}"' for c in db.get_columns("node"))
+    db.execute_sql('ALTER TABLE "node" RENAME TO "node_before_autoincrement"')
+    for index in db.get_indexes("node_before_autoincrement"):
+        if not index.name.startswith("sqlite_autoindex"):
+            db.execute_sql(f'DROP INDEX "{index.name}"')
+    db.create_tables([Node])
+    db.execute_sql(f'INSERT INTO "node" ({columns}) '
+                   f'SELECT {columns} FROM "node_before_autoincrement"')
+    db.execute_sql('DROP TABLE "node_before_autoincrement"')
+
+
 def get_config(key: str, default: Any = None) -> Any:
     row = ProxyConfig.get_or_none(ProxyConfig.key == key)
     if row is None:
@@ -142,4 +205,9 @@ def set_config(key: str, value: Any) -> None:
 
 
 def save_models(node_id: int, models: list[str]) -> None:
-    Node.update(models_json=json.dumps(models)).where(Node.id == node_id).execute()
+    """Keep a node's model list for the next start; routing already has it,
+    so a database that is busy or full costs only a warning."""
+    try:
+        Node.update(models_json=json.dumps(models)).where(Node.id == node_id).execute()
+    except peewee.OperationalError as exc:
+        log.warning("could not save the models of node %s: %s", node_id, exc)

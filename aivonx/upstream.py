@@ -2,26 +2,36 @@
 
 It is Tornado's simple AsyncHTTPClient (curl's reorders headers and body
 for small responses, and raising from its callback does not stop a
-transfer) with three changes the relay needs:
+transfer) with the changes the relay needs:
 
 - each request's TCP stream is recorded in a per-request handle, so the
   relay can close the upstream connection at any moment, also while the
   node is silent loading a model (AsyncHTTPClient has no cancel);
-- chunked bodies are delivered chunk by chunk (see _ChunkRelayingConnection);
-- connections are kept alive and reused: opening a TCP connection per
-  request was the largest single cost of relaying a small request.
+- chunked bodies are delivered chunk by chunk and framed strictly (RFC 9112
+  section 7.1): a bad frame ends the request with a clear error and closes
+  its connection (see _ChunkRelayingConnection);
+- connections, plain and TLS, are kept alive and reused per (scheme, host,
+  port): opening a TCP connection per request was the largest single cost
+  of relaying a small request. A connection holding bytes no request asked
+  for is never reused (they would be read as the next answer), and idle
+  ones are closed on a timer.
 """
 from __future__ import annotations
 
+import re
+import select
+import ssl
 import time
 from asyncio import Future
 from collections import defaultdict
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import HTTPRequest
-from tornado.iostream import IOStream
+from tornado.ioloop import PeriodicCallback
+from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 from tornado.tcpclient import TCPClient
 
@@ -32,8 +42,85 @@ from .resolver import CachingResolver
 # the limit here only stops a burst from leaving sockets behind for ever.
 MAX_IDLE_PER_NODE = 256
 MAX_IDLE_SECONDS = 30.0
+# How often idle connections past MAX_IDLE_SECONDS are closed, so a burst
+# does not leave sockets open until traffic to the node returns.
+PURGE_INTERVAL = 5.0
 # Request bodies up to this size are sent in one piece with the head.
 SEND_WITH_HEAD = 64 * 1024
+# Chunk framing bounds: hex digits of a chunk size (16 is 2**64), bytes of
+# a chunk-size or trailer line, trailer lines after the last chunk.
+MAX_CHUNK_DIGITS = 16
+MAX_CHUNK_LINE = 4096
+MAX_TRAILER_LINES = 100
+# chunk-size [ chunk-ext ]: hex digits only; whitespace only before the
+# ';' of an extension; extensions may hold no control character but HTAB.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,%d})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?"
+                              % MAX_CHUNK_DIGITS)
+_FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*")
+
+PoolKey = tuple[str, str, int]  # (scheme, host, port)
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size a chunk-size line announces (its CRLF stripped), read as
+    RFC 9112 section 7.1 writes it. int(x, 16) would also take "0x1a",
+    "1_a", "+1a" and spaces: a node and a stricter hop could then disagree
+    on where the body ends."""
+    match = _CHUNK_SIZE_LINE.fullmatch(line)
+    if match is None:
+        raise httputil.HTTPInputError(f"invalid chunk size line {line[:40]!r}")
+    return int(match.group(1), 16)
+
+
+def check_trailer_line(line: bytes) -> None:
+    """A trailer field line after the last chunk (CRLF stripped): a field
+    name, a colon and a value; it is read and dropped."""
+    if _FIELD_LINE.fullmatch(line) is None:
+        raise httputil.HTTPInputError(f"invalid trailer line {line[:40]!r}")
+
+
+def pool_key(url: str) -> PoolKey:
+    """Where a request to `url` connects, as Tornado's client works it out:
+    the scheme is part of it, so an http and an https node on one host and
+    port never share a socket."""
+    parts = urlsplit(url)
+    host, port = httputil.split_host_and_port(parts.netloc.rpartition("@")[-1])
+    scheme = parts.scheme.lower()
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return scheme, host.lower(), port
+
+
+def node_ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """How HTTPS nodes are verified: against the PEM bundle `ca_file`
+    instead of the system's trust store when one is given (host names are
+    checked either way). Built once: Tornado would otherwise load the file
+    again for every request."""
+    if not ca_file:
+        return None
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+
+
+def has_unread(stream: IOStream) -> bool:
+    """True when a connection no request is reading holds bytes or an end of
+    file: whatever the node sent there is not the answer to the next request.
+    Costs a zero-timeout poll, no read."""
+    # IOStream reads ahead into a private buffer and has no public way to
+    # tell its size; _read_buffer_size is that size in Tornado 6 (pinned).
+    if getattr(stream, "_read_buffer_size", 0):
+        return True
+    sock = stream.socket
+    if sock is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True  # decrypted by the TLS layer, not yet read by IOStream
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])  # Windows: no poll()
 
 
 class UpstreamRequest(HTTPRequest):
@@ -71,27 +158,36 @@ class ConnectionHandle:
 
 
 class ConnectionPool:
-    """Idle keep-alive connections per (host, port), newest first."""
+    """Idle keep-alive connections per (scheme, host, port), newest first.
 
-    def __init__(self) -> None:
-        self.idle: dict[tuple[str, int], list[tuple[float, IOStream]]] = defaultdict(list)
+    Every request of one client verifies TLS nodes the same way, so a TLS
+    connection may serve any later request to its key. Connections idle
+    longer than `max_idle` are closed by a timer that runs while any are
+    kept, also when no request comes to take or return one."""
 
-    def take(self, key: tuple[str, int]) -> IOStream | None:
+    def __init__(self, max_idle: float = MAX_IDLE_SECONDS,
+                 purge_interval: float = PURGE_INTERVAL) -> None:
+        self.max_idle = max_idle
+        self.purge_interval = purge_interval
+        self.idle: dict[PoolKey, list[tuple[float, IOStream]]] = defaultdict(list)
+        self._purger: PeriodicCallback | None = None
+
+    def take(self, key: PoolKey) -> IOStream | None:
         streams = self.idle.get(key)
         now = time.monotonic()
         while streams:
             since, stream = streams.pop()
-            if stream.closed() or now - since > MAX_IDLE_SECONDS:
+            if stream.closed() or now - since > self.max_idle or has_unread(stream):
                 stream.close()
                 continue
             stream.set_close_callback(None)
             return stream
         return None
 
-    def put(self, key: tuple[str, int], stream: IOStream) -> None:
+    def put(self, key: PoolKey, stream: IOStream) -> None:
         streams = self.idle[key]
         now = time.monotonic()
-        while streams and (now - streams[0][0] > MAX_IDLE_SECONDS or
+        while streams and (now - streams[0][0] > self.max_idle or
                            len(streams) >= MAX_IDLE_PER_NODE):
             streams.pop(0)[1].close()
         entry = (now, stream)
@@ -103,10 +199,36 @@ class ConnectionPool:
 
         # Watching for close also notices a node that hangs up while idle.
         stream.set_close_callback(closed_by_node)
+        if self._purger is None:
+            self._purger = PeriodicCallback(self.purge, self.purge_interval * 1000)
+            self._purger.start()
+
+    def purge(self) -> None:
+        """Close the connections idle for longer than max_idle; the timer
+        stops once none are left and starts again with the next one kept."""
+        now = time.monotonic()
+        for key, streams in list(self.idle.items()):
+            while streams and (now - streams[0][0] > self.max_idle or streams[0][1].closed()):
+                streams.pop(0)[1].close()
+            if not streams:
+                del self.idle[key]
+        if not self.idle:
+            self._stop_purging()
+
+    def close_idle(self, key: PoolKey) -> None:
+        """Close the idle connections to one node (deleted, drained, moved)."""
+        for _, stream in list(self.idle.pop(key, [])):
+            stream.close()
+
+    def _stop_purging(self) -> None:
+        if self._purger is not None:
+            self._purger.stop()
+            self._purger = None
 
     def close(self) -> None:
+        self._stop_purging()
         for streams in self.idle.values():
-            for _, stream in streams:
+            for _, stream in list(streams):
                 stream.close()
         self.idle.clear()
 
@@ -116,15 +238,16 @@ class _PoolConnector:
     to the node when there is one, a new one otherwise."""
 
     def __init__(self, pool: ConnectionPool, tcp_client: TCPClient,
-                 handle: ConnectionHandle) -> None:
+                 handle: ConnectionHandle, url: str) -> None:
         self.pool = pool
         self.tcp_client = tcp_client
         self.handle = handle
-        self.key: tuple[str, int] | None = None
+        self.url = url
+        self.key: PoolKey | None = None
 
     async def connect(self, host: str, port: int, **kwargs: Any) -> IOStream:
-        self.key = (host, port)
-        if not self.handle.fresh_only and kwargs.get("ssl_options") is None:
+        self.key = pool_key(self.url)
+        if not self.handle.fresh_only:
             stream = self.pool.take(self.key)
             if stream is not None:
                 self.handle.reused = True
@@ -150,6 +273,7 @@ class _ChunkRelayingConnection(HTTP1Connection):
     def __init__(self, *args: Any, body: bytes | None = None) -> None:
         super().__init__(*args)
         self._body_with_head = body if body and len(body) <= SEND_WITH_HEAD else None
+        self.input_error: httputil.HTTPInputError | None = None
 
     def write_headers(self, start_line: Any, headers: httputil.HTTPHeaders,
                       chunk: bytes | None = None) -> Future:
@@ -168,18 +292,20 @@ class _ChunkRelayingConnection(HTTP1Connection):
         return super().write(chunk)
 
     async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
+        try:
+            await self._read_chunks(delegate)
+        except httputil.HTTPInputError as exc:
+            # Tornado closes the connection and tells the request only that
+            # it closed; _TrackedConnection reports this instead.
+            self.input_error = exc
+            raise
+
+    async def _read_chunks(self, delegate: httputil.HTTPMessageDelegate) -> None:
         total = 0
         while True:
-            line = await self.stream.read_until(b"\r\n", max_bytes=64)
-            try:
-                size = int(line[:-2].split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise httputil.HTTPInputError("invalid chunk size") from None
-            if size < 0:
-                raise httputil.HTTPInputError("invalid chunk size")
+            size = parse_chunk_size(await self._read_line("chunk size"))
             if size == 0:
-                if await self.stream.read_bytes(2) != b"\r\n":
-                    raise httputil.HTTPInputError("improperly terminated chunked response")
+                await self._read_trailers()
                 return
             total += size
             if total > self._max_body_size:
@@ -205,6 +331,27 @@ class _ChunkRelayingConnection(HTTP1Connection):
             if await self.stream.read_bytes(2) != b"\r\n":
                 raise httputil.HTTPInputError("improperly terminated chunk")
 
+    async def _read_line(self, what: str) -> bytes:
+        """One CRLF-terminated line of chunk framing, CRLF stripped."""
+        try:
+            line = await self.stream.read_until(b"\r\n", max_bytes=MAX_CHUNK_LINE)
+        except StreamClosedError as exc:
+            if isinstance(exc.real_error, UnsatisfiableReadError):
+                raise httputil.HTTPInputError(f"{what} line longer than "
+                                              f"{MAX_CHUNK_LINE} bytes") from None
+            raise
+        return line[:-2]
+
+    async def _read_trailers(self) -> None:
+        """The trailer section after the last chunk, up to its empty line;
+        the fields are dropped (the relay has already sent the head)."""
+        for _ in range(MAX_TRAILER_LINES + 1):
+            line = await self._read_line("trailer")
+            if not line:
+                return
+            check_trailer_line(line)
+        raise httputil.HTTPInputError(f"more than {MAX_TRAILER_LINES} trailer lines")
+
 
 class _TrackedConnection(_HTTPConnection):
     def __init__(self, client: "UpstreamClient", request: Any, release_callback: Any,
@@ -212,7 +359,7 @@ class _TrackedConnection(_HTTPConnection):
                  max_header_size: int, max_body_size: int) -> None:
         self.handle: ConnectionHandle | None = getattr(request, "connection_handle", None)
         if self.handle is not None:
-            tcp_client = _PoolConnector(client.pool, tcp_client, self.handle)
+            tcp_client = _PoolConnector(client.pool, tcp_client, self.handle, request.url)
         self.keep_alive = False
         super().__init__(client, request, release_callback, final_callback, max_buffer_size,
                          tcp_client, max_header_size, max_body_size)
@@ -229,6 +376,15 @@ class _TrackedConnection(_HTTPConnection):
                                       decompress=bool(self.request.decompress_response)),
             self._sockaddr, body=self.request.body)
 
+    def on_connection_close(self) -> None:
+        # A framing error closes the connection; the request fails with
+        # what was wrong rather than a bare "Connection closed".
+        error = getattr(getattr(self, "connection", None), "input_error", None)
+        if error is not None and self.final_callback is not None:
+            self._handle_exception(type(error), error, None)
+            return
+        super().on_connection_close()
+
     async def headers_received(self, first_line: Any, headers: httputil.HTTPHeaders) -> None:
         self.keep_alive = (first_line.version == "HTTP/1.1" and
                            headers.get("Connection", "").lower() != "close")
@@ -239,11 +395,13 @@ class _TrackedConnection(_HTTPConnection):
 
     def _on_end_request(self) -> None:
         """The whole response was read: keep the connection for the next
-        request to this node, unless either side wants it closed."""
+        request to this node, unless either side wants it closed or the node
+        sent more than the response (beyond its Content-Length or last chunk)."""
         connector = self.tcp_client
         if (self.keep_alive and isinstance(connector, _PoolConnector) and
                 connector.key is not None and not self.stream.closed() and
-                self.handle is not None and self.handle.closed_reason is None):
+                self.handle is not None and self.handle.closed_reason is None and
+                not has_unread(self.stream)):
             stream = self.connection.detach()
             self.handle.stream = None  # a later cancel must not close it
             connector.pool.put(connector.key, stream)
@@ -259,14 +417,23 @@ class UpstreamClient(SimpleAsyncHTTPClient):
     def _connection_class(self) -> type:
         return _TrackedConnection
 
+    def close_idle(self, url: str) -> None:
+        """Close the idle connections to the node at `url` (e.g. its base
+        URL); requests in flight keep theirs."""
+        self.pool.close_idle(pool_key(url))
+
     def close(self) -> None:
         self.pool.close()
         super().close()
 
 
-def make_upstream_client(max_body_size: int) -> UpstreamClient:
+def make_upstream_client(max_body_size: int,
+                         node_ssl: ssl.SSLContext | None = None) -> UpstreamClient:
+    """`node_ssl` verifies HTTPS nodes (see node_ssl_context); None: the
+    system's trust store."""
     # max_clients: the default of 10 would queue requests silently behind
     # long generations; every request gets its own connection instead.
     return UpstreamClient(force_instance=True, max_clients=100_000,
                           max_body_size=max_body_size,
-                          max_buffer_size=max_body_size, resolver=CachingResolver())
+                          max_buffer_size=max_body_size, resolver=CachingResolver(),
+                          defaults={"ssl_options": node_ssl} if node_ssl else None)

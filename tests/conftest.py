@@ -11,6 +11,7 @@ from tornado.httpserver import HTTPServer
 from aivonx.app import Context, bound_port, make_server
 from aivonx.settings import Settings
 from tests.fakes.fake_ollama import FakeOllama
+from tests.helpers import NodeProcess
 
 ROOT_PASSWORD = "test-root-password"  # user root's password in every test proxy
 
@@ -90,6 +91,22 @@ def make_proxy(io_loop, tmp_path) -> Callable[..., Awaitable[Proxy]]:
             await proxy.stop()
 
     io_loop.run_sync(stop_all)
+
+
+@pytest.fixture
+def node_process() -> Callable[..., NodeProcess]:
+    """Fake nodes in processes of their own (to stop them with a signal, or
+    to keep their memory out of the test's)."""
+    started: list[NodeProcess] = []
+
+    def start(*args: str) -> NodeProcess:
+        node = NodeProcess(*args)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.kill()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ import time
 
 import ollama
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 
 from aivonx import auth, store
 from tests.api_client import call, login
@@ -97,18 +99,77 @@ async def test_repeated_failed_logins_are_throttled_per_username(io_loop, make_p
     assert await login(proxy, "alice", "alice-password")
 
 
+async def burst(proxy, bodies, address: str | None = None) -> list:
+    """Send every login at once, each on its own connection."""
+    client = AsyncHTTPClient(force_instance=True, max_clients=len(bodies))
+    headers = {"Content-Type": "application/json"}
+    try:
+        answers = await asyncio.gather(*(
+            client.fetch(proxy.url + "/api/account/login", method="POST", headers=headers,
+                         body=json.dumps(body), raise_error=False, request_timeout=60)
+            for body in bodies))
+    finally:
+        client.close()
+    return answers
+
+
+async def test_a_parallel_burst_of_wrong_passwords_meets_the_limit(io_loop, make_proxy):
+    proxy = await make_proxy()
+    answers = await burst(proxy, [{"username": "root", "password": f"guess-{i}"}
+                                  for i in range(150)])
+    codes = [a.code for a in answers]
+    assert set(codes) == {401, 429}, codes
+    assert codes.count(401) == auth.MAX_FAILURES
+    for answer in answers:
+        if answer.code == 429:
+            assert 1 <= int(answer.headers["Retry-After"]) <= auth.FAILURE_WINDOW + 1
+    # The limit holds afterwards too, the right password included.
+    answer = await call(proxy, "POST", "/api/account/login",
+                        {"username": "root", "password": ROOT_PASSWORD})
+    assert answer.code == 429
+
+
+async def test_a_parallel_burst_does_not_find_the_password_past_the_limit(io_loop, make_proxy):
+    proxy = await make_proxy()
+    guesses = [{"username": "root", "password": f"guess-{i}"} for i in range(29)]
+    answers = await burst(proxy, guesses + [{"username": "root", "password": ROOT_PASSWORD}])
+    codes = [a.code for a in answers]
+    assert codes[-1] == 429, codes
+    assert 200 not in codes and codes.count(401) == auth.MAX_FAILURES, codes
+
+
+async def test_failures_for_one_name_do_not_lock_other_users_out_of_the_address(
+        io_loop, make_proxy):
+    # Behind a reverse proxy every client has one address: someone's typos,
+    # here reaching a per-address bound lowered to keep the test short, must
+    # not lock root out.
+    proxy = await make_proxy()
+    proxy.ctx.auth.address_throttle.max_failures = auth.MAX_FAILURES
+    answers = await burst(proxy, [{"username": "alice", "password": f"typo-{i}"}
+                                  for i in range(auth.MAX_FAILURES)])
+    assert [a.code for a in answers] == [401] * auth.MAX_FAILURES
+    assert await login(proxy, "root", ROOT_PASSWORD)
+    # Past the address bound a name gets one try, not five, before it waits.
+    answer = await call(proxy, "POST", "/api/account/login",
+                        {"username": "bob", "password": "typo"})
+    assert answer.code == 401
+    answer = await call(proxy, "POST", "/api/account/login",
+                        {"username": "bob", "password": "typo"})
+    assert answer.code == 429 and int(answer.headers["Retry-After"]) >= 1
+
+
 def test_throttle_forgets_failures_after_the_window():
     now = [1000.0]
     throttle = auth.LoginThrottle(3, 60.0, clock=lambda: now[0])
     for _ in range(3):
         assert throttle.retry_after("k") is None
-        throttle.failed("k")
+        throttle.reserve("k")
     assert throttle.retry_after("k") == 61
     now[0] += 30
     assert throttle.retry_after("k") == 31
     now[0] += 31
     assert throttle.retry_after("k") is None
-    throttle.failed("k")
+    throttle.reserve("k")
     throttle.succeeded("k")
     assert throttle.retry_after("k") is None
 

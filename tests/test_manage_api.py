@@ -206,6 +206,8 @@ async def test_node_crud_and_pagination(io_loop, make_proxy):
     ({"address": "h", "port": True}, {"port": "port must be an integer between 1 and 65535"}),
     ({"address": "h", "port": 1.5}, {"port": "port must be an integer between 1 and 65535"}),
     ({"address": "h:1234", "port": 80}, {"port": "conflicts with the port in address (1234)"}),
+    *[({"address": text}, {"address": "the port in address must be between 1 and 65535"})
+      for text in ("h:0", "http://10.0.0.1:0", "https://[::1]:0", "h:00")],
     ({"address": "h", "name": ""}, {"name": "name may not be blank"}),
     ({"address": "h", "name": "n" * 101}, {"name": "name must have at most 100 characters"}),
     ({"address": "h", "name": "a\nb"}, {"name": "name may not contain control characters"}),

@@ -23,7 +23,10 @@ class LoginHandler(ManageHandler):
         description: >-
           Send the access token as `Authorization: Bearer <access>`; it lasts an
           hour, the refresh token 30 days. Five failed logins for one username from one
-          address within 5 minutes answer 429 with Retry-After.
+          address within 5 minutes answer 429 with Retry-After, attempts sent in parallel
+          included. After 300 failures from one address within 5 minutes, a username that
+          has failed from it gets no further try until the window passes; one that has not
+          failed is never refused by that bound.
         requestBody: {required: true, content: {application/json: {schema: LoginInput}}}
         responses:
           200: {description: Tokens, content: {application/json: {schema: Tokens}}}

@@ -8,12 +8,16 @@ from typing import Any
 
 import tornado.web
 
+from .. import store
 from ..context import Context
 from ..errors import ApiError, error_body
 from ..requestid import HEADER as REQUEST_ID_HEADER, request_id
+from ..intake import release_body
 
 log = logging.getLogger("aivonx.http")
 
+# Management, login and page bodies are small: refused above this.
+SMALL_BODY = 1024 * 1024
 # Parsing a body this large takes more than a millisecond: do it off the
 # event loop so other streams keep flowing.
 INLINE_JSON_LIMIT = 256 * 1024
@@ -34,13 +38,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     else:
         return
     request = handler.request
-    exchange = getattr(handler, "exchange", None)
     fields = {
         "request_id": getattr(handler, "request_id", None),
         "method": request.method,
         "path": request.path,
         "node": handler._headers.get("X-Aivonx-Node"),
-        "model": exchange.model if exchange is not None else None,
+        "model": getattr(handler, "log_model", None),
         "status": status,
         "duration_ms": round(1000.0 * request.request_time(), 2),
         "remote_ip": request.remote_ip,
@@ -71,6 +74,9 @@ class StaticHandler(RequestIdMixin, tornado.web.StaticFileHandler):
 class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
     # "ollama": {"error": "..."}; "openai": {"error": {"message": ...}}
     error_style = "ollama"
+    # The largest body this handler reads (aivonx.intake refuses larger ones
+    # from their head); None is the server-wide --max-body-size.
+    max_body: int | None = SMALL_BODY
 
     def initialize(self, ctx: Context) -> None:
         self._ctx = ctx
@@ -86,6 +92,15 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
 
     def compute_etag(self) -> None:
         return None
+
+    def on_finish(self) -> None:
+        # A RequestHandler sits in a reference cycle (its ui namespace points
+        # back at it): without this its request body would stay in memory
+        # until Python's next full garbage collection.
+        release_body(self.request)
+
+    def on_connection_close(self) -> None:
+        release_body(self.request)
 
     def bearer_token(self) -> str | None:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
@@ -133,6 +148,11 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
             super().log_exception(typ, value, tb)
 
     def _handle_request_exception(self, e: BaseException) -> None:
+        unavailable = store.unavailable(e)
+        if unavailable is not None:
+            message, retry_after = unavailable
+            log.warning("%s %s: %s", self.request.method, self.request.uri, e)
+            e = ApiError(503, message, {"Retry-After": str(retry_after)})
         if isinstance(e, ApiError):
             if not self._finished:
                 self.send_api_error(e)

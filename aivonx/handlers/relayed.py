@@ -8,12 +8,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .. import modelnames
+from .. import bodyscan, modelnames
+from ..bodyscan import Large
 from ..relay import Exchange
+from ..sink import ClientSink
 from ..router import NoHealthyNode, NoSuchModel
 from ..scheduler import QueueFull, QueueTimeout
 from ..errors import ApiError
-from .base import BaseHandler
+from .base import INLINE_JSON_LIMIT, BaseHandler
 
 # Seconds a client is told to wait when every node is busy or down.
 RETRY_AFTER = 2
@@ -25,13 +27,18 @@ def check_types(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> No
         if value is None:
             continue
         # bool is an int in Python; JSON keeps them apart.
-        if isinstance(value, bool) and bool not in types:
+        if isinstance(value, Large):
+            ok = value.kind in {_KIND.get(t) for t in types}
+        elif isinstance(value, bool) and bool not in types:
             ok = False
         else:
             ok = isinstance(value, types)
         if not ok:
             expected = " or ".join(_json_type(t) for t in types)
             raise ApiError(400, f"invalid value for '{name}': expected {expected}")
+
+
+_KIND = {str: "string", list: "array", dict: "object", int: "number", float: "number"}
 
 
 def _json_type(t: type) -> str:
@@ -55,9 +62,13 @@ class ModelRelayHandler(BaseHandler):
     not_found = "model '{}' not found"
 
     exchange: Exchange | None = None
+    log_model: str | None = None
     client_gone = False
 
+    max_body = None  # prompts with images: up to the server-wide limit
+
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         self.client_gone = True
         if self.exchange is not None:
             self.exchange.cancel()
@@ -80,22 +91,35 @@ class ModelRelayHandler(BaseHandler):
                 raise ApiError(400, "model is required") from None
             raise ApiError(400, f"invalid model name: {exc}") from None
 
+    async def relay_body(self) -> dict[str, Any]:
+        """The body's top level: parsed whole when small; when large, scanned
+        for its small fields (aivonx.bodyscan), the node parses the rest."""
+        body = self.request.body
+        if len(body) <= INLINE_JSON_LIMIT:
+            return await self.json_body()
+        try:
+            return await bodyscan.scan_yielding(body)
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid request body: not UTF-8") from None
+        except bodyscan.ScanError as exc:
+            raise ApiError(400, f"invalid JSON in request body: {exc}") from None
+        except ValueError as exc:
+            raise ApiError(400, f"invalid JSON in request body: {exc}") from None
+
     async def post(self) -> None:
         received_at = time.monotonic()
-        body = await self.json_body()
+        body = await self.relay_body()
         check_types(body, {**COMMON_FIELDS, **self.fields})
         name = self.model_name(body)
         key = self.model_key(name)
         if self.client_gone:
             return
-        headers = self.request.headers
-        if "Content-Type" not in headers:
-            headers = headers.copy()
-            headers["Content-Type"] = "application/json"
         ctx = self.ctx
-        self.exchange = Exchange(ctx.relay, self, self.request.method, self.request.uri,
-                                 headers, self.request.body, self.error_style,
-                                 model=ctx.registry.model_label(key), received_at=received_at)
+        self.log_model = ctx.registry.model_label(key)  # for the access log
+        self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
+                                 self.request.method, self.request.uri, self.request.headers,
+                                 self.request.body, model=self.log_model,
+                                 received_at=received_at)
         try:
             await self.exchange.run(key)
         except NoSuchModel:
@@ -108,5 +132,7 @@ class ModelRelayHandler(BaseHandler):
             ctx.metrics.rejected[(type(exc).__name__.lower(),)] += 1
             raise ApiError(503, f"server busy, please try again: {exc}",
                            {"Retry-After": str(RETRY_AFTER)}) from None
+        finally:
+            self.exchange = None  # the exchange points back at this handler
         if not self.client_gone and not self.request.connection.stream.closed():
             self.finish()

@@ -114,6 +114,7 @@ class FakeOllama:
         self.url = ""
         self.requests = []
         self.keep_records = True
+        self.connections_accepted = 0  # TCP connections accepted since creation
         self._defaults = {"chunks": chunks, "chunk_delay": chunk_delay,
                           "first_byte_delay": first_byte_delay}
         self._expires: dict[str, datetime] = {}
@@ -127,14 +128,22 @@ class FakeOllama:
     def __repr__(self) -> str:
         return f"<FakeOllama {self.name or self.url or 'stopped'}>"
 
-    async def start(self, port: int = 0) -> FakeOllama:
-        """Listen on 127.0.0.1 (0 = any free port); may be called again after stop()."""
+    async def start(self, port: int = 0, ssl_options: Any = None) -> FakeOllama:
+        """Listen on 127.0.0.1 (0 = any free port); may be called again after stop().
+        With ``ssl_options`` (an SSLContext) the node speaks HTTPS."""
         sockets = bind_sockets(port, "127.0.0.1")
-        self._server = HTTPServer(self._app, max_body_size=MAX_BODY, max_buffer_size=MAX_BODY)
+        self._server = _CountingServer(self._app, max_body_size=MAX_BODY,
+                                       max_buffer_size=MAX_BODY, ssl_options=ssl_options)
+        self._server.node = self
         self._server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ssl_options else 'http'}://127.0.0.1:{self.port}"
         return self
+
+    @property
+    def connections_open(self) -> int:
+        """TCP connections from clients open now (HTTPServer's own set of them)."""
+        return len(self._server._connections) if self._server is not None else 0
 
     async def stop(self) -> None:
         """Stop listening and drop every open connection, like a node that died."""
@@ -185,6 +194,16 @@ class FakeOllama:
 
     def _expiry(self, name: str) -> datetime:
         return self._expires.get(name) or _now() + timedelta(seconds=DEFAULT_KEEP_ALIVE)
+
+
+class _CountingServer(HTTPServer):
+    """An HTTPServer that counts the connections it accepts for its node."""
+
+    node: FakeOllama
+
+    def handle_stream(self, stream: Any, address: Any) -> None:
+        self.node.connections_accepted += 1
+        super().handle_stream(stream, address)
 
 
 class ApiError(HTTPError):
