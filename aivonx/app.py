@@ -12,13 +12,17 @@ from .intake import GuardedApplication
 from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
 from .server import BoundedHTTPServer
 from .settings import Settings
+from .startup import StartupError, check_no_loop
 
 
 def _asset_root() -> str:
-    """Where templates/ and static/ are: beside the package in a checkout,
-    under <prefix>/share/aivonx after `pip install .`."""
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for root in (checkout, os.path.join(sys.prefix, "share", "aivonx")):
+    """Where templates/ and static/ are: inside the package in the one-file
+    build (scripts/build_zipapp.py), beside it in a checkout, under
+    <prefix>/share/aivonx after `pip install .`."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(package)
+    for root in (os.path.join(package, "assets"), checkout,
+                 os.path.join(sys.prefix, "share", "aivonx")):
         if os.path.isdir(os.path.join(root, "templates")):
             return root
     return checkout
@@ -107,6 +111,7 @@ def make_app(ctx: Context) -> tornado.web.Application:
         log_function=base.log_request,
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
+        static_handler_class=base.StaticHandler,
         # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The
         # status page's forms check the token themselves (handlers/pages.py).
         xsrf_cookie_kwargs=pages.XSRF_COOKIE_KWARGS,
@@ -128,6 +133,12 @@ async def serve(settings: Settings) -> tuple[Context, HTTPServer]:
     """Open the store, probe the nodes, listen. Returns what to close."""
     ctx = Context(settings)
     ctx.open_store()
+    try:
+        check_no_loop(settings.host, settings.port,
+                      ((n.name, n.address, n.port) for n in ctx.registry.nodes.values()))
+    except StartupError:
+        ctx.close()
+        raise
     await ctx.start()
     server = make_server(ctx)
     server.listen(settings.port, address=settings.host)

@@ -80,7 +80,12 @@ class Context:
         if generated:
             log.warning("created user root with the generated password %s (shown only "
                         "once; change it with `python run.py passwd root`)", generated)
-        self.nodes.load(self.settings.nodes)
+        urls = self.settings.nodes
+        if not urls and self.settings.local_node and not store.Node.select().exists():
+            urls = [self.settings.local_node]
+            log.info("no node configured: serving the local Ollama at %s (OLLAMA_HOST or "
+                     "its default); add nodes with --node or the API", urls[0])
+        self.nodes.load(urls)
 
     async def start(self) -> None:
         """Probe every node once before serving, then keep probing."""

@@ -11,6 +11,7 @@ import tornado.web
 from .. import store
 from ..context import Context
 from ..errors import ApiError, error_body
+from ..requestid import HEADER as REQUEST_ID_HEADER, request_id
 from ..intake import release_body
 
 log = logging.getLogger("aivonx.http")
@@ -27,7 +28,8 @@ access_log = logging.getLogger("aivonx.access")
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without a log call per successful request on the hot
-    path: server errors as warnings, everything else only at debug level."""
+    path: server errors as warnings, everything else only at debug level.
+    The fields go to the JSON log as they are (aivonx.logs)."""
     status = handler.get_status()
     if status >= 500:
         level = logging.WARNING
@@ -35,11 +37,41 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         level = logging.DEBUG
     else:
         return
-    access_log.log(level, "%d %s %.2fms", status, handler._request_summary(),
-                   1000.0 * handler.request.request_time())
+    request = handler.request
+    fields = {
+        "request_id": getattr(handler, "request_id", None),
+        "method": request.method,
+        "path": request.path,
+        "node": handler._headers.get("X-Aivonx-Node"),
+        "model": getattr(handler, "log_model", None),
+        "status": status,
+        "duration_ms": round(1000.0 * request.request_time(), 2),
+        "remote_ip": request.remote_ip,
+    }
+    extra = "".join(f" {name}={fields[name]}" for name in ("node", "model")
+                    if fields[name] is not None)
+    access_log.log(level, "%d %s %.2fms id=%s%s", status, handler._request_summary(),
+                   fields["duration_ms"], fields["request_id"], extra,
+                   extra={"fields": fields})
 
 
-class BaseHandler(tornado.web.RequestHandler):
+class RequestIdMixin:
+    """Every response carries the request's id in X-Request-Id, error
+    answers too (they clear the headers and set the defaults again)."""
+
+    request_id: str | None = None
+
+    def set_default_headers(self) -> None:
+        if self.request_id is None:
+            self.request_id = request_id(self.request.headers.get(REQUEST_ID_HEADER))
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+
+
+class StaticHandler(RequestIdMixin, tornado.web.StaticFileHandler):
+    pass
+
+
+class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
     # "ollama": {"error": "..."}; "openai": {"error": {"message": ...}}
     error_style = "ollama"
     # The largest body this handler reads (aivonx.intake refuses larger ones
@@ -55,6 +87,7 @@ class BaseHandler(tornado.web.RequestHandler):
         return self._ctx
 
     def set_default_headers(self) -> None:
+        super().set_default_headers()
         self.clear_header("Server")
 
     def compute_etag(self) -> None:

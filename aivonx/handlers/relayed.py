@@ -67,6 +67,7 @@ class ModelRelayHandler(BaseHandler):
 
     exchange: Exchange | None = None
     unloading: Cancel | None = None
+    log_model: str | None = None
     client_gone = False
 
     max_body = None  # prompts with images: up to the server-wide limit
@@ -124,9 +125,10 @@ class ModelRelayHandler(BaseHandler):
             if await self.unload(name, key, body):
                 return
         ctx = self.ctx
+        self.log_model = ctx.registry.model_label(key)  # for the access log
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
-                                 self.request.body, model=ctx.registry.model_label(key),
+                                 self.request.body, model=self.log_model,
                                  received_at=received_at)
         try:
             await self.exchange.run(key)
