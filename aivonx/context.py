@@ -43,9 +43,11 @@ class Context:
         self.relay = Relay(self.registry, self.router, self.scheduler, self.metrics,
                            connect_timeout=settings.connect_timeout,
                            idle_timeout=settings.idle_timeout,
-                           max_body_size=settings.max_body_size, node_ssl=node_ssl)
+                           max_body_size=settings.max_body_size, node_ssl=node_ssl,
+                           allowed=settings.node_networks)
         self.monitor = Monitor(self.registry, interval=settings.health_interval,
                                timeout=settings.probe_timeout, node_ssl=node_ssl,
+                               allowed=settings.node_networks,
                                on_status_changed=self._status_changed)
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
                                  self.tasks, close_idle=self.relay.client.close_idle)

@@ -19,7 +19,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.ioloop import PeriodicCallback
 
 from .registry import NodeState, Registry
-from .resolver import CachingResolver
+from .resolver import CachingResolver, Networks
 
 log = logging.getLogger("aivonx.monitor")
 
@@ -37,11 +37,12 @@ class ProbeError(Exception):
     pass
 
 
-def make_probe_client(node_ssl: ssl.SSLContext | None = None) -> AsyncHTTPClient:
+def make_probe_client(node_ssl: ssl.SSLContext | None = None,
+                      allowed: Networks = ()) -> AsyncHTTPClient:
     """Probes have their own client so they never queue behind generations;
     `node_ssl` verifies HTTPS nodes as the relay does."""
     return AsyncHTTPClient(force_instance=True, max_clients=1000,
-                           max_body_size=MAX_PROBE_BODY, resolver=CachingResolver(),
+                           max_body_size=MAX_PROBE_BODY, resolver=CachingResolver(allowed),
                            defaults={"ssl_options": node_ssl} if node_ssl else None)
 
 
@@ -65,11 +66,11 @@ class Monitor:
     def __init__(self, registry: Registry, *, interval: float, timeout: float,
                  on_models_changed: Callable[[NodeState], None] | None = None,
                  on_status_changed: Callable[[NodeState], None] | None = None,
-                 node_ssl: ssl.SSLContext | None = None) -> None:
+                 node_ssl: ssl.SSLContext | None = None, allowed: Networks = ()) -> None:
         self.registry = registry
         self.interval = interval
         self.timeout = timeout
-        self.client = make_probe_client(node_ssl)
+        self.client = make_probe_client(node_ssl, allowed)
         self.on_models_changed = on_models_changed
         self.on_status_changed = on_status_changed
         self._periodic: PeriodicCallback | None = None

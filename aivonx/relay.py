@@ -25,6 +25,7 @@ from tornado.ioloop import IOLoop
 
 from .metrics import Metrics
 from .registry import NodeState, Registry
+from .resolver import Networks
 from .router import Router, Unroutable
 from .scheduler import Scheduler, Slot
 from .sink import HOP_BY_HOP, ClientSink, connection_tokens
@@ -270,14 +271,15 @@ class Relay:
 
     def __init__(self, registry: Registry, router: Router, scheduler: Scheduler,
                  metrics: Metrics, *, connect_timeout: float, idle_timeout: float,
-                 max_body_size: int, node_ssl: ssl.SSLContext | None = None) -> None:
+                 max_body_size: int, node_ssl: ssl.SSLContext | None = None,
+                 allowed: Networks = ()) -> None:
         self.registry = registry
         self.router = router
         self.scheduler = scheduler
         self.metrics = metrics
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.client = make_upstream_client(max_body_size, node_ssl)
+        self.client = make_upstream_client(max_body_size, node_ssl, allowed)
         # Set by the app: re-probe a node whose model list proved stale.
         self.on_missing_model: Callable[[NodeState], None] | None = None
         self.attempts: dict[int, set[Attempt]] = {}  # in flight, by node id

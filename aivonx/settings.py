@@ -11,6 +11,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from .resolver import Networks, parse_networks
+
 from .logs import LOG_FORMATS
 from .startup import ollama_host
 
@@ -61,6 +63,10 @@ class Settings:
     # A PEM bundle HTTPS nodes are verified against, instead of the
     # system's trust store (e.g. a private CA or a self-signed node).
     node_ca_file: str | None = None
+    # When not empty, nodes are only ever connected to at addresses within
+    # these networks (names are resolved, then checked): a fence for what
+    # the proxy may reach, whatever an admin account is made to add.
+    node_networks: Networks = ()
     # A file of AIVONX_*=value lines, read at start and again on SIGHUP.
     env_file: str | None = None
     # Served when the store has no node and none is given (the command line
@@ -149,6 +155,13 @@ _SIMPLE_FLAGS = [
 ]
 
 
+def _networks(text: str) -> Networks:
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The serve command's flags; defaults come from AIVONX_* variables."""
     env = os.environ if environ is None else environ
@@ -183,6 +196,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         default=_env(env, "AIVONX_NODE_CA_FILE"),
                         help="CA bundle that HTTPS nodes are verified against instead of the "
                              "system's (AIVONX_NODE_CA_FILE, default the system's)")
+    parser.add_argument("--node-networks", type=_networks, metavar="CIDR,...",
+                        default=_networks(_env(env, "AIVONX_NODE_NETWORKS") or ""),
+                        help="only connect to nodes at addresses in these networks, e.g. "
+                             "10.0.0.0/8,127.0.0.1/32 (AIVONX_NODE_NETWORKS, default any)")
     root_password = _env(env, "AIVONX_ROOT_PASSWORD") or _env(env, "ROOT_PASSWORD")
     parser.set_defaults(env_nodes=env_nodes, root_password=root_password)
     return parser
@@ -193,7 +210,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     simple = {flag[2:].replace("-", "_") for flag, *_ in _SIMPLE_FLAGS}
     return Settings(nodes=list(nodes), log_level=args.log_level, log_format=args.log_format,
                     root_password=args.root_password, env_file=args.env_file,
-                    node_ca_file=args.node_ca_file,
+                    node_ca_file=args.node_ca_file, node_networks=args.node_networks,
                     **{name: getattr(args, name) for name in simple})
 
 

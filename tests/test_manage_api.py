@@ -8,6 +8,7 @@ import json
 import ollama
 import pytest
 
+from aivonx.resolver import parse_networks
 from tests.api_client import call, login
 from tests.test_relay import wait_for
 
@@ -449,3 +450,14 @@ async def test_slots_and_weight_persist_across_a_restart(io_loop, make_node, mak
     views = {n["id"]: (n["slots"], n["weight"]) for n in
              (await call(proxy, "GET", "/api/proxy/state")).json["nodes"]}
     assert views == listed
+
+
+async def test_nodes_outside_the_node_networks_are_never_connected_to(io_loop, make_node,
+                                                                       make_proxy):
+    node = await make_node()
+    proxy = await make_proxy([node], node_networks=parse_networks("127.0.0.2/32"))
+    state = proxy.node(node)
+    assert not state.healthy and "outside the allowed node networks" in state.reason
+    answer = await call(proxy, "POST", "/api/generate", {"model": "llama3", "prompt": "x"})
+    assert answer.code == 404  # never reached, so none of its models is known
+    assert node.connections_accepted == 0
