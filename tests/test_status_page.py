@@ -9,7 +9,7 @@ import re
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
-from aivonx.handlers.pages import ago, latency_text, overall, spark_points, wait_text
+from aivonx.display import ago, latency_text, overall, spark_points, wait_text
 from aivonx.store import Node
 from tests.test_capacity import configure
 from tests.test_relay import fetch_stream, wait_for
