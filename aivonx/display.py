@@ -104,3 +104,31 @@ def overall(state: dict[str, Any]) -> tuple[str, str]:
 def capacity(state: dict[str, Any]) -> int:
     """Requests the serving nodes take at once, before requests queue."""
     return sum(n["slots"] for n in state["nodes"] if n["status"] == "active")
+
+
+def node_display(node: dict[str, Any], now: float | None = None) -> dict[str, str]:
+    """A node's strings as the page shows them, from its state view."""
+    weight = node["weight"]
+    return {
+        "since": ago(node["since"], now),
+        "pool": pool_text(node),
+        "latency": latency_text(node["latency"]),
+        "spark": spark_points(node["latency_history"]),
+        "weight": weight_text(weight),
+        "weight_label": "" if weight == 1 else f"weight {weight_text(weight)}",
+    }
+
+
+def cluster_display(state: dict[str, Any]) -> dict[str, str]:
+    """The cluster's strings as the page shows them, from the state."""
+    summary, tone = overall(state)
+    queue = state["queue"]
+    return {
+        "summary": summary,
+        "tone": tone,
+        "serving": str(sum(1 for n in state["nodes"] if n["status"] == "active")),
+        "capacity": str(capacity(state)),
+        "queue_oldest": wait_text(queue["oldest_wait"]),
+        "queue_average": wait_text(queue["average_wait"]),
+        "queue_max_wait": wait_text(queue["max_wait"]),
+    }

@@ -134,6 +134,60 @@ async def test_page_follows_a_node_down_and_back_without_reloading(
     assert problems == []
 
 
+SHOWN = """() => {
+  const shown = {title: document.title};
+  for (const el of document.querySelectorAll("#overall [data-f], main [data-f]")) {
+    const row = el.closest("tr.node");
+    const key = (row ? `${row.dataset.id}:` : "") + el.dataset.f;
+    shown[key] = el.tagName === "polyline" ? el.getAttribute("points") : el.textContent.trim();
+  }
+  return shown;
+}"""
+
+
+async def test_formats_match_the_script(io_loop, make_node, make_proxy):
+    """What the script writes after a poll is what the server renders, to the
+    character, with figures where rounding could differ (12.5 ms, 4.25 s)."""
+    a = await make_node(["llama3:latest"])
+    b = await make_node(["mistral:7b"])
+    proxy = await make_proxy([a, b], health_interval=3600, max_wait=4.25)
+    expect = require_browser().expect
+    problems: list[str] = []
+    async with chromium() as browser:
+        page = await new_page(browser, problems)
+        await page.goto(proxy.url + "/ui")
+        await expect(page.locator("#live")).to_be_visible()
+        before = await page.evaluate(SHOWN)
+
+        # The state changes after the page was rendered: only a poll shows it.
+        node_a, node_b = proxy.node(a), proxy.node(b)
+        for sample in (0.0125, 0.02, 0.0125):
+            proxy.registry.record_latency(node_a, sample)
+        node_a.latency = 0.0125
+        node_a.since = node_b.since = node_a.since - 3 * 86400 - 1800  # "3d 0h" for a while
+        proxy.ctx.nodes.update(node_b.id, {"weight": 2.5}, partial=True)
+        proxy.registry.busy(node_b, 30)
+        scheduler = proxy.ctx.scheduler
+        scheduler.queued_total, scheduler.wait_seconds_total = 1, 4.25
+        await expect(page.locator(f'tr.node[data-id="{node_b.id}"] [data-f="weight"]')
+                     ).to_have_text("weight 2.5")
+        await expect(page.locator('[data-f="queue-average"]')).not_to_have_text("—")
+        live = await page.evaluate(SHOWN)
+
+        static = await new_page(browser, problems, java_script_enabled=False)
+        await static.goto(proxy.url + "/ui")
+        rendered = await static.evaluate(SHOWN)
+    assert problems == []
+    assert live == rendered
+    assert live != before
+    assert live[f"{node_a.id}:latency"] == "12 ms"
+    assert live["queue-average"] == "4.2 s" and live["queue-max-wait"] == "4.2 s"
+    assert live[f"{node_b.id}:since"] == "3d 0h"
+    assert live[f"{node_b.id}:pool"] == "last resort only"
+    assert live["summary"] == "1 of 2 nodes down" and live["title"] == "1 of 2 nodes down · Aivonx"
+    assert len(live[f"{node_a.id}:spark"].split()) >= 3  # and the probe's own sample
+
+
 async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, make_proxy,
                                                            artifacts_dir):
     a = await make_node(["llama3:latest", "qwen3:8b"])

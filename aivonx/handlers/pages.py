@@ -18,9 +18,7 @@ from typing import Any
 import tornado.web
 
 from ..auth import AuthError
-from ..display import (SPARK_HEIGHT, SPARK_WIDTH, ago, capacity, latency_text, overall,
-                       pool_text, spark_points, wait_text, weight_text)
-from ..registry import HISTORY_LENGTH
+from ..display import SPARK_HEIGHT, SPARK_WIDTH, node_display
 from ..router import STRATEGIES
 from ..status import cluster_state
 from .base import BaseHandler
@@ -50,6 +48,7 @@ BLANK_NODE = {"id": 0, "name": "", "url": "", "status": "standby", "health": "un
               "health_reason": "", "since": None, "reason": "", "latency": None,
               "latency_history": [], "active_requests": 0, "slots": 4, "weight": 1.0,
               "requests_served": 0, "errors": 0, "models": [], "loaded": []}
+BLANK_NODE["display"] = node_display(BLANK_NODE)
 
 
 def is_loopback(host: str) -> bool:
@@ -114,11 +113,8 @@ class PageHandler(BaseHandler):
     # -- rendering ----------------------------------------------------------
     def get_template_namespace(self) -> dict[str, Any]:
         namespace = super().get_template_namespace()
-        namespace.update(ago=ago, latency_text=latency_text, spark_points=spark_points,
-                         wait_text=wait_text, weight_text=weight_text, pool_text=pool_text,
-                         capacity=capacity,
-                         spark_width=SPARK_WIDTH, spark_height=SPARK_HEIGHT,
-                         spark_slots=HISTORY_LENGTH, chip_limit=CHIP_LIMIT,
+        namespace.update(spark_width=SPARK_WIDTH, spark_height=SPARK_HEIGHT,
+                         chip_limit=CHIP_LIMIT,
                          blank_node=BLANK_NODE, state_url="/api/proxy/state")
         return namespace
 
@@ -128,7 +124,7 @@ class PageHandler(BaseHandler):
         """The status page; after a failed form, that form open with its
         values and the error of each field."""
         state = cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy)
-        summary, tone = overall(state)
+        summary, tone = state["display"]["summary"], state["display"]["tone"]
         errors, values = errors or {}, values or {}
 
         def value(form_id: str, name: str, default: Any = "") -> Any:
