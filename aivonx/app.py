@@ -102,6 +102,7 @@ def make_app(ctx: Context) -> tornado.web.Application:
         log_function=base.log_request,
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
+        static_handler_class=pages.StaticAssetHandler,
         # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The
         # status page's forms check the token themselves (handlers/forms.py).
         xsrf_cookie_kwargs=pages.XSRF_COOKIE_KWARGS,

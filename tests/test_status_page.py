@@ -130,6 +130,14 @@ async def test_security_headers_and_no_inline_code(io_loop, make_node, make_prox
         assert static.code == 200 and kind in static.headers["Content-Type"]
 
 
+async def test_a_nul_in_a_static_path_is_not_found(io_loop, make_proxy):
+    proxy = await make_proxy([])
+    for path in ("/static/ui.js%00.png", "/static/%00", "/static/vendor/%00/x.js"):
+        response = await get(proxy.url + path)
+        assert response.code == 404, path
+    assert (await get(proxy.url + "/static/ui.js")).code == 200
+
+
 async def test_names_models_and_errors_are_escaped(io_loop, make_node, make_proxy):
     evil = '<img src=x onerror="alert(1)">&'
     a = await make_node()

@@ -3,6 +3,7 @@ over plain HTTP as a browser without JavaScript sends them (and as the
 page's script sends them, asking for JSON): session cookie, XSRF, results."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 from http.cookies import SimpleCookie
@@ -376,3 +377,25 @@ def rows_html(html: str, node_id: int) -> str:
     body = html.split('<template id="row-template">')[0]
     return re.search(r'<tr class="node" data-id="%d"[^>]*>(.*?)</tr>' % node_id, body,
                      re.S).group(1)
+
+
+async def test_bad_input_on_the_page_is_refused_not_a_server_error(io_loop, make_node,
+                                                                   make_proxy):
+    a = await make_node()
+    proxy = await make_proxy([a])
+    browser = Browser(proxy)
+    await browser.sign_in()
+    # Digits that are not ASCII ("²" passes str.isdigit()) name no node.
+    for node in ("²", "١", "1²"):
+        response = await browser.post("/ui/pull", {"model": "phi3:mini", "node": node},
+                                      "application/x-ndjson, application/json")
+        assert response.code == 404, node
+        assert json.loads(response.body) == {"ok": False, "message": "No such node."}
+    assert a.requests_to("/api/pull") == []
+    # A flash cookie nested too deeply to decode is dropped; the page still shows.
+    nested = base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode()
+    for visitor, path in ((browser, "/ui"), (Browser(proxy), "/ui/login")):
+        visitor.cookies["aivonx_flash"] = nested
+        response = await visitor.request("GET", path)
+        assert response.code == 200, path
+        assert "aivonx_flash" not in visitor.cookies, path  # cleared

@@ -94,7 +94,8 @@ class FormHandler(PageHandler):
         super()._handle_request_exception(e)
 
     def node_id(self, text: str) -> int:
-        if len(text) > 18:
+        # ASCII digits only: str.isdigit() and int() take "²" or "١" too.
+        if len(text) > 18 or not (text.isascii() and text.isdigit()):
             raise tornado.web.HTTPError(404, "No such node.")
         return int(text)
 

@@ -104,7 +104,7 @@ class PageHandler(BaseHandler):
         self.clear_cookie(FLASH_COOKIE, **COOKIE_FLAGS)
         try:
             kind, text = json.loads(base64.urlsafe_b64decode(raw.encode()))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # not a cookie we set
             return None
         if kind not in ("ok", "error", "info") or not isinstance(text, str):
             return None
@@ -156,6 +156,16 @@ class PageHandler(BaseHandler):
 
 
 # -- pages ------------------------------------------------------------------------
+
+class StaticAssetHandler(tornado.web.StaticFileHandler):
+    """static/: a path no file can have (a NUL byte) is not found, not a
+    server error from the file system call."""
+
+    def parse_url_path(self, url_path: str) -> str:
+        if "\x00" in url_path:
+            raise tornado.web.HTTPError(404)
+        return super().parse_url_path(url_path)
+
 
 class StatusPageHandler(PageHandler):
     def get(self) -> None:
