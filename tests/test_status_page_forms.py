@@ -399,3 +399,43 @@ async def test_bad_input_on_the_page_is_refused_not_a_server_error(io_loop, make
         response = await visitor.request("GET", path)
         assert response.code == 200, path
         assert "aivonx_flash" not in visitor.cookies, path  # cleared
+
+
+async def test_the_form_token_belongs_to_the_session(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()])
+    alice, bob = Browser(proxy), Browser(proxy)
+    await alice.sign_in()
+    await bob.sign_in()
+    token = await alice.xsrf()
+    assert token != await bob.xsrf()
+    # Alice's token with Bob's session, even with Alice's XSRF cookie copied too.
+    for cookies in ({"_xsrf": bob.cookies["_xsrf"]}, {"_xsrf": alice.cookies["_xsrf"]}):
+        bob.cookies.update(cookies)
+        response = await bob.request("POST", "/ui/strategy", {"_xsrf": token,
+                                                              "strategy": "round_robin"})
+        assert response.code == 403 and "reload the page" in response.body.decode()
+    assert proxy.ctx.router.strategy == "least_active"
+    # A token issued before signing in (the sign-in page's) is not the session's.
+    carol = Browser(proxy)
+    before = await carol.xsrf("/ui/login")
+    await carol.request("POST", "/ui/login", {"_xsrf": before, "username": "root",
+                                              "password": ROOT_PASSWORD})
+    assert "aivonx_session" in carol.cookies
+    response = await carol.request("POST", "/ui/strategy", {"_xsrf": before,
+                                                            "strategy": "round_robin"})
+    assert response.code == 403
+    assert proxy.ctx.router.strategy == "least_active"
+    # Its own token works, from the form or the script's header; a new session
+    # (signed out and in again) gets a new one and the old one is refused.
+    response = await alice.request("POST", "/ui/strategy", {"_xsrf": token,
+                                                            "strategy": "round_robin"})
+    assert response.code == 302 and proxy.ctx.router.strategy == "round_robin"
+    response = await carol.request("POST", "/ui/strategy", {"strategy": "least_active"},
+                                   "application/json", **{"X-XSRFToken": await carol.xsrf()})
+    assert response.code == 200 and proxy.ctx.router.strategy == "least_active"
+    assert (await alice.post("/ui/logout", {})).code == 302
+    await alice.sign_in()
+    assert await alice.xsrf() != token
+    response = await alice.request("POST", "/ui/strategy", {"_xsrf": token,
+                                                            "strategy": "round_robin"})
+    assert response.code == 403 and proxy.ctx.router.strategy == "least_active"

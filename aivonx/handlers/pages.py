@@ -10,6 +10,8 @@ the forms of handlers/forms.py. Display strings come from aivonx/display.py.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -38,6 +40,7 @@ SESSION_COOKIE = "aivonx_session"
 FLASH_COOKIE = "aivonx_flash"
 # For Application(xsrf_cookie_kwargs=...): the XSRF cookie gets the same flags
 # (the script reads the token from the forms, never from the cookie).
+XSRF_COOKIE = "_xsrf"
 XSRF_COOKIE_KWARGS = dict(COOKIE_FLAGS)
 
 CHIP_LIMIT = 8  # model chips shown per node before "+N more"
@@ -49,6 +52,14 @@ BLANK_NODE = {"id": 0, "name": "", "url": "", "status": "standby", "health": "un
               "latency_history": [], "active_requests": 0, "slots": 4, "weight": 1.0,
               "requests_served": 0, "errors": 0, "models": [], "loaded": []}
 BLANK_NODE["display"] = node_display(BLANK_NODE)
+
+
+def session_xsrf(session: str) -> bytes:
+    """A session's raw XSRF token: an HMAC keyed by the session token, so it
+    is valid only with the session cookie it was issued for, and the page
+    that shows it reveals nothing of that cookie."""
+    return hmac.new(session.encode(), b"aivonx status page forms",
+                    hashlib.sha256).digest()[:16]
 
 
 def is_loopback(host: str) -> bool:
@@ -85,6 +96,27 @@ class PageHandler(BaseHandler):
         if token:
             self.ctx.auth.revoke(token)
         self.clear_cookie(SESSION_COOKIE, **COOKIE_FLAGS)
+        self.clear_cookie(XSRF_COOKIE, **COOKIE_FLAGS)  # the session's token goes with it
+
+    # -- XSRF: Tornado's double-submit cookie, tied to the session ------------
+    # Signed out (the sign-in form), the token is Tornado's random one. Signed
+    # in, it is derived from the session cookie: a token issued before signing
+    # in or for another session is refused, even with its own XSRF cookie.
+    def _get_raw_xsrf_token(self) -> tuple[int | None, bytes, float]:
+        raw = super()._get_raw_xsrf_token()
+        session = self.get_cookie(SESSION_COOKIE)
+        if session:
+            bound = session_xsrf(session)
+            if raw[0] is None or not hmac.compare_digest(raw[1], bound):
+                # No cookie yet, or one from before this session: version None
+                # makes Tornado set the session's token as the cookie.
+                raw = self._raw_xsrf_token = (None, bound, time.time())
+        return raw
+
+    def check_xsrf_cookie(self) -> None:
+        super().check_xsrf_cookie()  # the form's token matches the expected one
+        if self._get_raw_xsrf_token()[0] is None:  # but no cookie carried it
+            raise tornado.web.HTTPError(403, "XSRF cookie missing")
 
     def secure_context(self) -> bool:
         """Whether a browser keeps our Secure cookies on this connection."""
