@@ -188,6 +188,57 @@ async def test_formats_match_the_script(io_loop, make_node, make_proxy):
     assert len(live[f"{node_a.id}:spark"].split()) >= 3  # and the probe's own sample
 
 
+async def sign_in(page: Any, proxy: Any) -> None:
+    await page.goto(proxy.url + "/ui/login")
+    await page.get_by_label("Username").fill("root")
+    await page.get_by_label("Password").fill(ROOT_PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_url(proxy.url + "/ui")
+
+
+# Every value a pull's progress bar and byte count are set to, in order.
+RECORD_PULL = """() => {
+  window.bars = [];
+  window.amounts = [];
+  const hook = (proto, name, record) => {
+    const { get, set } = Object.getOwnPropertyDescriptor(proto, name);
+    Object.defineProperty(proto, name, {
+      get, configurable: true,
+      set(value) { record(this, value); set.call(this, value); },
+    });
+  };
+  hook(HTMLProgressElement.prototype, "value", (el, value) => window.bars.push(Number(value)));
+  hook(Node.prototype, "textContent", (el, value) => {
+    if (value && el.classList && el.classList.contains("pull-amount")) window.amounts.push(value);
+  });
+}"""
+
+
+async def test_pull_progress_only_moves_forward(io_loop, make_node, make_proxy):
+    a = await make_node(["llama3:latest"])
+    digest = "sha256:" + "ab" * 32
+    a.layer_lines = [{"status": "pulling ab", "digest": digest, "total": 1000, "completed": c}
+                     for c in (800, 300, 2500, 1000)]  # back, then past the total
+    proxy = await make_proxy([a])
+    expect = require_browser().expect
+    problems: list[str] = []
+    async with chromium() as browser:
+        page = await new_page(browser, problems)
+        await sign_in(page, proxy)
+        await page.evaluate(RECORD_PULL)
+        pull = page.locator("#pull")
+        await pull.get_by_label("Model").fill("gemma3:1b")
+        await pull.get_by_role("button", name="Pull").click()
+        await expect(page.locator("#pull-progress .pull-node.succeeded")).to_have_count(1)
+        bars = await page.evaluate("window.bars")
+        amounts = await page.evaluate("window.amounts")
+    assert problems == []
+    assert a.requests_to("/api/pull")  # the node's lines reached the page
+    assert bars and bars == sorted(bars) and max(bars) <= 1
+    assert amounts and set(amounts) <= {"800 B / 1.0 KB", "1.0 KB / 1.0 KB"}
+    assert amounts[-1] == "1.0 KB / 1.0 KB"
+
+
 async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, make_proxy,
                                                            artifacts_dir):
     a = await make_node(["llama3:latest", "qwen3:8b"])
