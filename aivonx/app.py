@@ -9,7 +9,8 @@ from tornado.httpserver import HTTPServer
 
 from .context import Context
 from .intake import GuardedApplication
-from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
+from .handlers import (account, base, docs, forms, manage, metrics, modelops, ollama, openai,
+                       pages)
 from .server import BoundedHTTPServer
 from .settings import Settings
 from .startup import StartupError, check_no_loop
@@ -88,13 +89,13 @@ def routes(ctx: Context) -> list[tuple]:
         # The status page and its forms
         (r"/ui", pages.StatusPageHandler, args),
         (r"/ui/login", pages.LoginPageHandler, args),
-        (r"/ui/logout", pages.LogoutFormHandler, args),
-        (r"/ui/nodes", pages.AddNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)", pages.EditNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)/drain", pages.DrainNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)/delete", pages.DeleteNodeHandler, args),
-        (r"/ui/strategy", pages.StrategyHandler, args),
-        (r"/ui/pull", pages.PullFormHandler, args),
+        (r"/ui/logout", forms.LogoutFormHandler, args),
+        (r"/ui/nodes", forms.AddNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)", forms.EditNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)/drain", forms.DrainNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)/delete", forms.DeleteNodeHandler, args),
+        (r"/ui/strategy", forms.StrategyHandler, args),
+        (r"/ui/pull", forms.PullFormHandler, args),
     ]
 
 
@@ -111,9 +112,9 @@ def make_app(ctx: Context) -> tornado.web.Application:
         log_function=base.log_request,
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
-        static_handler_class=base.StaticHandler,
+        static_handler_class=pages.StaticAssetHandler,
         # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The
-        # status page's forms check the token themselves (handlers/pages.py).
+        # status page's forms check the token themselves (handlers/forms.py).
         xsrf_cookie_kwargs=pages.XSRF_COOKIE_KWARGS,
     )
 

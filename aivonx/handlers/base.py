@@ -67,10 +67,6 @@ class RequestIdMixin:
         self.set_header(REQUEST_ID_HEADER, self.request_id)
 
 
-class StaticHandler(RequestIdMixin, tornado.web.StaticFileHandler):
-    pass
-
-
 class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
     # "ollama": {"error": "..."}; "openai": {"error": {"message": ...}}
     error_style = "ollama"

@@ -87,6 +87,10 @@ class FakeOllama:
       /v1) on the 200 already sent; a ``stream: false`` answer, not yet
       started, is a 500 instead.
 
+    * ``layer_lines``: when set, the layer progress lines pull and push send
+      in place of their two regular layers (e.g. counts that go back or past
+      their total, as a confused registry might send).
+
     ``Recorded.chunks_sent`` counts the NDJSON lines/SSE events written (for
     ``stream: false``, the chunks generated so far).
     """
@@ -100,6 +104,7 @@ class FakeOllama:
     fail_message: str
     die_after: int | None
     error_after: int | None
+    layer_lines: list[dict[str, Any]] | None
     requests: MutableSequence[Recorded]  # a bounded deque under --records
     keep_records: bool  # False stops recording (a long benchmark must not grow memory)
 
@@ -163,6 +168,7 @@ class FakeOllama:
         self.fail_message = "injected failure"
         self.die_after = None
         self.error_after = None
+        self.layer_lines = None
 
     def requests_to(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -633,6 +639,9 @@ class Progress(Handler):
         await self._produce(self._steps(name), stream, lambda: {"status": "success"})
 
     def _layers(self, name: str, verb: str) -> Iterator[dict[str, Any]]:
+        if self.node.layer_lines is not None:
+            yield from (dict(line) for line in self.node.layer_lines)
+            return
         for layer in range(2):
             digest = "sha256:" + hashlib.sha256(f"{name}/{layer}".encode()).hexdigest()
             total = 1_000_000 * (layer + 1)
