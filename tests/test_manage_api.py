@@ -191,6 +191,41 @@ async def test_node_crud_and_pagination(io_loop, make_proxy):
             assert answer.code == 404 and "not found" in answer.json["error"], (method, answer)
 
 
+@pytest.mark.parametrize("path,field", [
+    ("/api/proxy/active-requests?node_id=--1", "node_id"),
+    ("/api/proxy/active-requests?node_id=%C2%B2", "node_id"),        # ²
+    ("/api/proxy/active-requests?node_id=%D9%A3", "node_id"),        # Arabic-Indic 3
+    ("/api/proxy/active-requests?node_id=1-", "node_id"),
+    ("/api/proxy/active-requests?node_id=" + "9" * 5000, "node_id"),
+    ("/api/proxy/nodes?limit=--5", "limit"),
+    ("/api/proxy/nodes?limit=%C2%B2", "limit"),
+    ("/api/proxy/nodes?offset=--0", "offset"),
+])
+async def test_malformed_integers_are_a_400_naming_the_field(io_loop, make_proxy, path, field):
+    proxy = await make_proxy(health_interval=3600)
+    token = await login(proxy)
+    answer = await call(proxy, "GET", path, token=token)
+    assert answer.code == 400, answer
+    assert answer.json["error"] == "validation failed" and field in answer.json["fields"]
+
+
+async def test_any_64_bit_node_id_is_looked_up(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()], health_interval=3600)
+    token = await login(proxy)
+    largest = 2 ** 63 - 1
+    for path in (f"/api/proxy/active-requests?node_id={largest}",
+                 f"/api/proxy/active-requests?node_id={-2 ** 63}",
+                 f"/api/proxy/nodes/{largest}", f"/api/proxy/nodes/{2 ** 63}",
+                 "/api/proxy/nodes/" + "9" * 5000):
+        answer = await call(proxy, "GET", path, token=token)
+        assert answer.code == 404 and "not found" in answer.json["error"], (path, answer)
+    node_id = next(iter(proxy.registry.nodes))
+    padded = f"{node_id:019d}"
+    assert (await call(proxy, "GET", f"/api/proxy/nodes/{padded}", token=token)).code == 200
+    answer = await call(proxy, "GET", f"/api/proxy/active-requests?node_id={padded}")
+    assert answer.code == 200 and [n["id"] for n in answer.json["nodes"]] == [node_id]
+
+
 @pytest.mark.parametrize("body, fields", [
     ({}, {"address": "this field is required"}),
     ({"address": "bad host!"}, {"address": "'bad host!' is not a valid host name or IP address"}),

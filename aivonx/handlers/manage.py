@@ -6,6 +6,7 @@ OpenAPI operation (aivonx.openapi collects them).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -39,12 +40,13 @@ class ManageHandler(BaseHandler):
         super()._handle_request_exception(e)
 
     def int_argument(self, name: str, default: int | None, low: int, high: int) -> int | None:
-        """A query argument as a bounded integer, or a 400 naming it."""
+        """A query argument as a bounded integer, or a 400 naming it. ASCII
+        digits only: `int()` also takes `²`-like digits, and raises on some."""
         text = self.get_query_argument(name, None)
         if text is None or text == "":
             return default
         text = text.strip()
-        if not text.lstrip("-").isdigit() or len(text) > 18:
+        if not _INTEGER.fullmatch(text):
             raise nodes.ValidationError({name: "must be an integer"})
         value = int(text)
         if not low <= value <= high:
@@ -52,11 +54,18 @@ class ManageHandler(BaseHandler):
         return value
 
 
+# At most 40 ASCII digits: int() of a longer text costs more than it tells.
+_INTEGER = re.compile(r"-?[0-9]{1,40}")
+MAX_NODE_ID = 2 ** 63 - 1  # SQLite's largest integer
+
+
 def parse_node_id(text: str) -> int:
-    """A node id from a URL; ids beyond SQLite's integers do not exist."""
-    if len(text) > 18:
+    """A node id from a URL (the route admits ASCII digits only); ids beyond
+    SQLite's integers cannot exist."""
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_NODE_ID)) or int(digits) > MAX_NODE_ID:
         raise ApiError(404, f"node {text[:20]} not found")
-    return int(text)
+    return int(digits)
 
 
 class ProxyStatusHandler(ManageHandler):
@@ -113,7 +122,7 @@ class ActiveRequestsHandler(ManageHandler):
           404: NotFound
         """
         registry = self.ctx.registry
-        wanted = self.int_argument("node_id", None, -(2 ** 63), 2 ** 63 - 1)
+        wanted = self.int_argument("node_id", None, -(2 ** 63), MAX_NODE_ID)
         if wanted is None:
             states = sorted(registry.nodes.values(), key=lambda n: n.id)
         elif wanted in registry.nodes:
