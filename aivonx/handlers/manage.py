@@ -194,8 +194,9 @@ class ConfigHandler(ManageHandler):
 
 class NodesHandler(ManageHandler):
     def page_url(self, limit: int, offset: int) -> str:
-        base = f"{self.request.protocol}://{self.request.host}{self.request.path}"
-        return f"{base}?{urlencode({'limit': limit, 'offset': offset})}"
+        """Relative (path and query): the client's Host header is its own
+        word, never echoed back as a link."""
+        return f"{self.request.path}?{urlencode({'limit': limit, 'offset': offset})}"
 
     @admin_required
     def get(self) -> None:
