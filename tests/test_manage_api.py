@@ -120,6 +120,23 @@ async def test_invalid_config_is_refused_naming_the_valid_strategies(
     assert proxy.ctx.router.strategy == "least_active"
     answer = await call(proxy, "PUT", "/api/proxy/config", raw=b"{bad", token=token)
     assert answer.code == 400 and "invalid JSON" in answer.json["error"]
+    assert "invalid JSON" in answer.json["fields"]["non_field_errors"]
+
+
+async def test_every_validation_400_names_its_fields(io_loop, make_proxy):
+    """The OpenAPI document promises `fields` with every 400 of these."""
+    proxy = await make_proxy(health_interval=3600)
+    token = await login(proxy)
+    node = (await call(proxy, "POST", "/api/proxy/nodes", {"address": "gpu1"}, token=token)).json
+    for method, path in [("PUT", "/api/proxy/config"), ("PATCH", "/api/proxy/config"),
+                         ("POST", "/api/proxy/nodes"), ("PUT", f"/api/proxy/nodes/{node['id']}"),
+                         ("PATCH", f"/api/proxy/nodes/{node['id']}")]:
+        for raw, words in ((b"", "missing request body"), (b"{bad", "invalid JSON"),
+                           (b"[1]", "must be a JSON object"), (b"\xff", "not UTF-8")):
+            answer = await call(proxy, method, path, raw=raw, token=token)
+            assert answer.code == 400, (method, path, raw, answer)
+            assert words in answer.json["error"], (method, path, raw, answer)
+            assert words in answer.json["fields"]["non_field_errors"], (method, path, raw)
 
 
 async def test_a_new_node_is_probed_and_routed_to_at_once(io_loop, make_node, make_proxy):

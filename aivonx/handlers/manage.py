@@ -25,16 +25,35 @@ class ManageHandler(BaseHandler):
     """JSON in, JSON out; errors `{"error": ...}`, validation errors with
     the message of each field under `fields`."""
 
+    # A body that is no JSON object is a validation error like any other:
+    # its 400 names `non_field_errors` under `fields`. Ollama's own model
+    # operations keep Ollama's plain `{"error"}`.
+    body_errors_have_fields = True
+
     def prepare(self) -> None:
         if len(self.request.body or b"") > MAX_BODY:
             raise ApiError(413, "request body too large")
+
+    async def json_body(self) -> dict[str, Any]:
+        try:
+            return await super().json_body()
+        except ApiError as exc:
+            if exc.status != 400 or not self.body_errors_have_fields:
+                raise
+            raise nodes.ValidationError({"non_field_errors": exc.message},
+                                        message=exc.message) from None
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, nodes.ValidationError):
             if not self._finished:
                 self.clear()
                 self.set_default_headers()
-                message = "validation failed" if e.status == 400 else "; ".join(e.errors.values())
+                if e.message is not None:
+                    message = e.message
+                elif e.status == 400:
+                    message = "validation failed"
+                else:
+                    message = "; ".join(e.errors.values())
                 self.write_json({"error": message, "fields": e.errors}, e.status)
             return
         super()._handle_request_exception(e)
@@ -115,7 +134,7 @@ class ActiveRequestsHandler(ManageHandler):
         tags: [state]
         summary: In-flight requests per node
         parameters:
-          - {name: node_id, in: query, required: false, schema: {type: integer}, description: Only this node}
+          - {name: node_id, in: query, required: false, schema: {type: integer, format: int64}, description: Only this node}
         responses:
           200: {description: Requests in flight, content: {application/json: {schema: ActiveRequests}}}
           400: ValidationFailed
@@ -261,7 +280,7 @@ class NodeHandler(ManageHandler):
         tags: [nodes]
         summary: Get a node
         security: [{bearerAuth: []}]
-        parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
+        parameters: [{name: node_id, in: path, required: true, schema: {type: integer, format: int64, minimum: 1}}]
         responses:
           200: {description: The node, content: {application/json: {schema: Node}}}
           401: Unauthorized
@@ -287,7 +306,7 @@ class NodeHandler(ManageHandler):
           `address` is required; fields left out keep their values. `active: false`
           drains the node. New `slots` and `weight` apply from the next request.
         security: [{bearerAuth: []}]
-        parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
+        parameters: [{name: node_id, in: path, required: true, schema: {type: integer, format: int64, minimum: 1}}]
         requestBody: {required: true, content: {application/json: {schema: NodeInput}}}
         responses:
           200: {description: The node, content: {application/json: {schema: Node}}}
@@ -311,7 +330,7 @@ class NodeHandler(ManageHandler):
           and `weight` apply from the next request; more slots serve waiting
           requests at once.
         security: [{bearerAuth: []}]
-        parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
+        parameters: [{name: node_id, in: path, required: true, schema: {type: integer, format: int64, minimum: 1}}]
         requestBody: {required: true, content: {application/json: {schema: NodePatch}}}
         responses:
           200: {description: The node, content: {application/json: {schema: Node}}}
@@ -329,7 +348,7 @@ class NodeHandler(ManageHandler):
         tags: [nodes]
         summary: Remove a node
         security: [{bearerAuth: []}]
-        parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
+        parameters: [{name: node_id, in: path, required: true, schema: {type: integer, format: int64, minimum: 1}}]
         responses:
           204: {description: Removed}
           401: Unauthorized
