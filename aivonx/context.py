@@ -45,7 +45,8 @@ class Context:
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
                                  self.tasks)
         self.monitor.on_models_changed = self.nodes.models_changed
-        self.listings = Listings(self.registry, self.monitor.client, settings.probe_timeout,
+        self.listings = Listings(self.registry, self.router, self.monitor.client,
+                                 settings.probe_timeout,
                                  on_models_changed=self.nodes.models_changed)
         # A node answered 404 for a model it listed: look again right away.
         self.relay.on_missing_model = self.nodes.probe_soon

@@ -68,6 +68,12 @@ class BaseHandler(tornado.web.RequestHandler):
         # allow_nan=False: clients get strict JSON, never Infinity or NaN.
         self.finish(json.dumps(data, allow_nan=False, separators=(",", ":")))
 
+    def write_encoded_json(self, body: bytes, status: int = 200) -> None:
+        """JSON encoded already (a cached listing)."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(body)
+
     def send_api_error(self, error: ApiError) -> None:
         self.clear()
         self.set_default_headers()
