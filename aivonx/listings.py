@@ -44,7 +44,7 @@ class Listings:
         self.on_models_changed = on_models_changed
         self._answers: dict[tuple[int, str], tuple[bytes, Entries]] = {}
         self._derived: dict[str, tuple[tuple, Any]] = {}
-        self.merges = 0  # merged listings computed, for the status views and tests
+        self.merges = 0  # merged listings computed so far
 
     async def _fetch(self, node: NodeState, path: str) -> Entries | None:
         request = HTTPRequest(node.url + path, connect_timeout=self.timeout,
