@@ -52,7 +52,8 @@ class Context:
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
                                  self.tasks, close_idle=self.relay.client.close_idle)
         self.monitor.on_models_changed = self.nodes.models_changed
-        self.listings = Listings(self.registry, self.monitor.client, settings.probe_timeout,
+        self.listings = Listings(self.registry, self.router, self.monitor.client,
+                                 settings.probe_timeout,
                                  on_models_changed=self.nodes.models_changed)
         fanout = FanOut(self.relay.client, connect_timeout=settings.connect_timeout,
                         idle_timeout=settings.idle_timeout)

@@ -51,10 +51,14 @@ async def test_bad_requests_get_ollama_errors(io_loop, make_node, make_proxy, pa
 
 async def test_wrong_method_is_405_in_ollama_shape(io_loop, make_node, make_proxy):
     proxy = await make_proxy([await make_node()])
-    for method, path in [("GET", "/api/chat"), ("DELETE", "/api/generate"),
-                         ("POST", "/api/tags"), ("PUT", "/v1/chat/completions")]:
+    for method, path, allow in [("GET", "/api/chat", "POST"), ("DELETE", "/api/generate", "POST"),
+                                ("POST", "/api/tags", "GET, HEAD"),
+                                ("PUT", "/v1/chat/completions", "POST"),
+                                ("TRACE", "/api/proxy/config", "GET, PATCH, PUT"),
+                                ("POST", "/api/proxy/nodes/1", "GET, DELETE, PATCH, PUT")]:
         response = await call(proxy.url + path, method, b"{}" if method != "GET" else None)
         assert response.code == 405, (method, path)
+        assert response.headers["Allow"] == allow, (method, path)  # RFC 9110
         error = json.loads(response.body)["error"]
         if path.startswith("/v1/"):
             error = error["message"]  # OpenAI's shape on the OpenAI API

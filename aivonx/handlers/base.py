@@ -113,6 +113,12 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
         # allow_nan=False: clients get strict JSON, never Infinity or NaN.
         self.finish(json.dumps(data, allow_nan=False, separators=(",", ":")))
 
+    def write_encoded_json(self, body: bytes, status: int = 200) -> None:
+        """JSON encoded already (a cached listing)."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(body)
+
     def send_api_error(self, error: ApiError) -> None:
         self.clear()
         self.set_default_headers()
@@ -134,8 +140,17 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
             message = "internal error"
         else:
             message = self._reason
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(error_body(self.error_style, message, status_code))
+
+    def allowed_methods(self) -> list[str]:
+        """The methods this handler class answers (RFC 9110 wants them in
+        the `Allow` header of a 405)."""
+        default = tornado.web.RequestHandler
+        return [m for m in self.SUPPORTED_METHODS
+                if getattr(type(self), m.lower(), None) is not getattr(default, m.lower(), None)]
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, tornado.web.HTTPError):
@@ -181,3 +196,9 @@ class NotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         raise ApiError(404, "404 page not found")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # No such resource, whatever the method: even one Tornado does not
+        # know (TRACE) is a 404 here, not a 405 allowing nothing.
+        self.set_status(404)
+        super().write_error(404)

@@ -46,6 +46,8 @@ class ModelOpHandler(ManageHandler):
     """Streams lines to the client; closes every upstream connection when
     the client goes away."""
 
+    body_errors_have_fields = False
+
     def initialize(self, ctx: Context) -> None:
         super().initialize(ctx)
         self.cancel = Cancel()
@@ -185,7 +187,11 @@ class PullHandler(ModelOpHandler):
         security: [{bearerAuth: []}]
         requestBody: {required: true, content: {application/json: {schema: OllamaModelInput}}}
         responses:
-          200: {description: Progress (NDJSON) or the result, content: {application/x-ndjson: {schema: OllamaProgress}}}
+          200:
+            description: Progress (NDJSON), or the result with `stream` false
+            content:
+              application/x-ndjson: {schema: OllamaProgress}
+              application/json: {schema: OllamaProgress}
           400: BadRequest
           401: Unauthorized
           500: ServerError
@@ -209,9 +215,14 @@ class CreateHandler(ModelOpHandler):
         security: [{bearerAuth: []}]
         requestBody: {required: true, content: {application/json: {schema: OllamaCreateInput}}}
         responses:
-          200: {description: Progress (NDJSON) or the result, content: {application/x-ndjson: {schema: OllamaProgress}}}
+          200:
+            description: Progress (NDJSON), or the result with `stream` false
+            content:
+              application/x-ndjson: {schema: OllamaProgress}
+              application/json: {schema: OllamaProgress}
           400: BadRequest
           401: Unauthorized
+          404: NotFound
           500: ServerError
           503: Unavailable
         """
@@ -233,7 +244,11 @@ class PushHandler(ModelOpHandler):
         security: [{bearerAuth: []}]
         requestBody: {required: true, content: {application/json: {schema: OllamaModelInput}}}
         responses:
-          200: {description: Progress (NDJSON) or the result, content: {application/x-ndjson: {schema: OllamaProgress}}}
+          200:
+            description: Progress (NDJSON), or the result with `stream` false
+            content:
+              application/x-ndjson: {schema: OllamaProgress}
+              application/json: {schema: OllamaProgress}
           400: BadRequest
           401: Unauthorized
           404: NotFound

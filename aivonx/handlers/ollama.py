@@ -43,7 +43,7 @@ class VersionHandler(BaseHandler):
 
 class TagsHandler(BaseHandler):
     async def get(self) -> None:
-        self.write_json({"models": await self.ctx.listings.tags()})
+        self.write_encoded_json(await self.ctx.listings.tags_json())
 
     async def head(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")

@@ -29,7 +29,7 @@ class ModelsHandler(BaseHandler):
     error_style = "openai"
 
     async def get(self) -> None:
-        self.write_json(catalog.openai_model_list(await self.ctx.listings.tags()))
+        self.write_encoded_json(await self.ctx.listings.openai_models_json())
 
 
 class ModelHandler(BaseHandler):
@@ -37,7 +37,7 @@ class ModelHandler(BaseHandler):
 
     async def get(self, model: str) -> None:
         try:
-            entry = catalog.find_model(await self.ctx.listings.tags(), model)
+            entry = await self.ctx.listings.find_model(model)
         except modelnames.InvalidModelName:
             entry = None
         if entry is None:
