@@ -13,7 +13,8 @@ from tornado.httpserver import HTTPServer
 from . import catalog, store
 from .fanout import fetch_model_lists
 from .auth import Auth
-from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
+from .handlers import (account, anthropic, base, blobs, docs, manage, metrics, modelops,
+                       ollama, openai, pages)
 from .metrics import Metrics
 from .monitor import Monitor
 from .registry import NodeState, Registry
@@ -117,10 +118,12 @@ class Context:
 
 
 def make_app(ctx: Context) -> tornado.web.Application:
-    documented = [*manage.routes(ctx), *account.routes(ctx), *modelops.routes(ctx)]
+    documented = [*manage.routes(ctx), *account.routes(ctx), *modelops.routes(ctx),
+                  *blobs.routes(ctx)]
     routes = [
         *ollama.routes(ctx),
         *openai.routes(ctx),
+        *anthropic.routes(ctx),
         *documented,
         *docs.routes(ctx, documented),
         *metrics.routes(ctx),

@@ -33,11 +33,12 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
     "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
 ))
-# The client's credentials are for the proxy, not the nodes; the Host sent
+# The client's credentials (a bearer token, Anthropic clients' x-api-key,
+# cookies) are for the proxy, not the nodes; the Host sent
 # upstream must be the node's own (a loopback-bound Ollama answers 403 to
 # foreign hosts); the body length and encoding are the relay's business.
-NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length",
-                                 "accept-encoding", "expect"}
+NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "authorization", "x-api-key", "cookie",
+                                 "content-length", "accept-encoding", "expect"}
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {"date", "server"}
 
 # Upstream answers that mean "try another node" when nothing has reached
@@ -58,26 +59,49 @@ class Sink(Protocol):
     def flush(self) -> Any: ...
 
 
+def _openai_error(message: str, status: int) -> dict[str, Any]:
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _anthropic_error(message: str, status: int) -> dict[str, Any]:
+    kind = {400: "invalid_request_error", 401: "authentication_error",
+            403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+            429: "rate_limit_error", 503: "overloaded_error"}.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 def error_body(style: str, message: str, status: int) -> bytes:
-    """An error in the client's dialect: Ollama's or OpenAI's."""
-    if style == "openai":
-        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        return json.dumps({"error": {"message": message, "type": kind,
-                                     "param": None, "code": None}}).encode()
+    """An error in the client's dialect: Ollama's, OpenAI's (also for the
+    Responses API) or Anthropic's."""
+    if style in ("openai", "responses"):
+        return json.dumps(_openai_error(message, status)).encode()
+    if style == "anthropic":
+        return json.dumps(_anthropic_error(message, status)).encode()
     return json.dumps({"error": message}).encode()
 
 
-def stream_error_chunk(content_type: str, message: str) -> bytes | None:
+def stream_error_chunk(content_type: str, message: str, style: str = "ollama") -> bytes | None:
     """The final chunk that tells a streaming client its stream broke, in the
-    stream's own framing; None where the framing has no room for one."""
+    stream's own framing; None where the framing has no room for one.
+
+    Anthropic's stream ends with an `error` event; the Responses API's with
+    an `error` event that also carries the `error` object the openai SDK
+    raises from; chat completions with a `data:` error object."""
     ctype = content_type.split(";", 1)[0].strip().lower()
     if ctype == "application/x-ndjson":
         return json.dumps({"error": message}).encode() + b"\n"
-    if ctype == "text/event-stream":
-        payload = {"error": {"message": message, "type": "api_error",
-                             "param": None, "code": None}}
-        return b"data: " + json.dumps(payload).encode() + b"\n\n"
-    return None
+    if ctype != "text/event-stream":
+        return None
+    if style == "anthropic":
+        return b"event: error\ndata: " + json.dumps(_anthropic_error(message, 500)).encode() \
+            + b"\n\n"
+    payload = _openai_error(message, 500)
+    if style == "responses":
+        payload = {"type": "error", "code": "api_error", "message": message, "param": None,
+                   **payload}
+        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 class Attempt:
@@ -252,7 +276,7 @@ class Exchange:
         log.warning(message)
         self.relay.metrics.failure(node.name, self.model, "midstream")
         self.relay.transport_failed(node, message)
-        chunk = stream_error_chunk(self.content_type, message)
+        chunk = stream_error_chunk(self.content_type, message, self.style)
         if chunk is not None:
             try:
                 await self.send_chunk(chunk)

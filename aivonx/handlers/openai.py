@@ -25,6 +25,15 @@ class EmbeddingsHandler(OpenAIHandler):
     not_found = 'model "{}" not found, try pulling it first'
 
 
+class ResponsesHandler(OpenAIHandler):
+    """The Responses API, stateless as Ollama serves it; a broken stream ends
+    with the Responses `error` event."""
+
+    error_style = "responses"
+    fields = {"input": (str, list), "instructions": (str,), "tools": (list,),
+              "reasoning": (dict,), "text": (dict,)}
+
+
 class ModelsHandler(BaseHandler):
     error_style = "openai"
 
@@ -51,6 +60,7 @@ def routes(ctx: Any) -> list[tuple]:
         (r"/v1/chat/completions", ChatCompletionsHandler, args),
         (r"/v1/completions", CompletionsHandler, args),
         (r"/v1/embeddings", EmbeddingsHandler, args),
+        (r"/v1/responses", ResponsesHandler, args),
         (r"/v1/models", ModelsHandler, args),
         (r"/v1/models/([^/]+)", ModelHandler, args),
     ]
