@@ -1,30 +1,16 @@
-"""make_app(settings): the shared objects and the route table in one place."""
+"""The route table in one place, the application and the server around it."""
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import sys
-from typing import Any
 
 import tornado.web
 from tornado.httpserver import HTTPServer
 
-from . import catalog, store
-from .fanout import fetch_model_lists
-from .auth import Auth
+from .context import Context
 from .handlers import (account, anthropic, base, blobs, docs, manage, metrics, modelops,
                        ollama, openai, pages)
-from .metrics import Metrics
-from .monitor import Monitor
-from .registry import NodeState, Registry
-from .relay import Relay
-from .router import DEFAULT_STRATEGY, STRATEGIES, Router
-from .scheduler import Scheduler
 from .settings import Settings
-
-log = logging.getLogger("aivonx")
-
 
 
 def _asset_root() -> str:
@@ -40,97 +26,80 @@ def _asset_root() -> str:
 ROOT = _asset_root()
 
 
-class Context:
-    """The objects every handler shares: live state, router, relay, monitor."""
+def documented_routes(ctx: Context | None) -> list[tuple]:
+    """The routes the OpenAPI document describes."""
+    args = {"ctx": ctx}
+    return [
+        # Management API: cluster state (public), config and nodes (admin token)
+        (r"/api/health", manage.HealthHandler, args),
+        (r"/api/proxy", manage.ProxyStatusHandler, args),
+        (r"/api/proxy/state", manage.StateHandler, args),
+        (r"/api/proxy/active-requests", manage.ActiveRequestsHandler, args),
+        (r"/api/proxy/config", manage.ConfigHandler, args),
+        (r"/api/proxy/nodes", manage.NodesHandler, args),
+        (r"/api/proxy/nodes/([0-9]+)", manage.NodeHandler, args),
+        # Accounts: access and refresh tokens
+        (r"/api/account/login", account.LoginHandler, args),
+        (r"/api/account/refresh", account.RefreshHandler, args),
+        (r"/api/account/logout", account.LogoutHandler, args),
+        # Model operations across the cluster (admin token)
+        (r"/api/proxy/pull", modelops.ProxyPullHandler, args),
+        (r"/api/pull", modelops.PullHandler, args),
+        (r"/api/create", modelops.CreateHandler, args),
+        (r"/api/push", modelops.PushHandler, args),
+        (r"/api/copy", modelops.CopyHandler, args),
+        (r"/api/delete", modelops.DeleteHandler, args),
+        (r"/api/blobs/(?P<digest>[^/]+)", blobs.BlobHandler, args),
+    ]
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.registry = Registry()
-        self.router = Router(self.registry)
-        self.scheduler = Scheduler(self.registry, self.router, max_queue=settings.max_queue,
-                                   max_wait=settings.max_wait)
-        self.metrics = Metrics()
-        self.relay = Relay(self.registry, self.router, self.scheduler, self.metrics,
-                           connect_timeout=settings.connect_timeout,
-                           idle_timeout=settings.idle_timeout,
-                           max_body_size=settings.max_body_size)
-        self.monitor = Monitor(self.registry, interval=settings.health_interval,
-                               timeout=settings.probe_timeout,
-                               on_models_changed=self._models_changed,
-                               on_status_changed=lambda node: self.scheduler.dispatch())
-        self.relay.on_missing_model = self._missing_model
-        self.auth = Auth(settings.root_password)
-        self.db = None
 
-    # -- store <-> registry ---------------------------------------------------
-    def open_store(self) -> None:
-        self.db = store.open_database(self.settings.db)
-        store.ensure_nodes(self.settings.nodes)
-        generated = self.auth.ensure_root()
-        if generated:
-            log.warning("created user root with the generated password %s (shown only "
-                        "once; change it with `python run.py passwd root`)", generated)
-        strategy = store.get_config("strategy", DEFAULT_STRATEGY)
-        self.router.strategy = strategy if strategy in STRATEGIES else DEFAULT_STRATEGY
-        for node in store.Node.select():
-            self.sync_node(node)
-
-    def sync_node(self, node: store.Node) -> NodeState:
-        """Bring the registry in line with a stored node (after any change)."""
-        state = self.registry.upsert(node.id, node.name, node.address, node.port,
-                                     node.active, node.models, slots=node.slots,
-                                     weight=node.weight)
-        self.scheduler.dispatch()  # more capacity may wake waiting requests
-        return state
-
-    def _models_changed(self, state: NodeState) -> None:
-        if self.db is not None:
-            store.save_models(state.id, sorted(state.models.values()))
-
-    def _missing_model(self, state: NodeState) -> None:
-        # A node answered 404 for a model it listed: look again right away.
-        asyncio.ensure_future(self.monitor.probe(state))
-
-    # -- listings -------------------------------------------------------------
-    async def fan_out(self, path: str) -> list[tuple[NodeState, list[dict[str, Any]]]]:
-        return await fetch_model_lists(self.monitor.client, self.registry.routable(), path,
-                                       self.settings.probe_timeout)
-
-    async def list_tags(self) -> list[dict[str, Any]]:
-        """Merged /api/tags of the routable nodes, fetched live (a model just
-        pulled shows at once); each answer also refreshes routing."""
-        lists = await self.fan_out("/api/tags")
-        for node, entries in lists:
-            if self.registry.update_tags(node, entries):
-                self._models_changed(node)
-        return catalog.merge_tags(entries for _, entries in lists)
-
-    async def start(self) -> None:
-        """Probe every node once before serving, then keep probing."""
-        await self.monitor.probe_all()
-        self.monitor.start()
-
-    def close(self) -> None:
-        self.monitor.stop()
-        self.relay.close()
-        if self.db is not None:
-            self.db.close()
+def routes(ctx: Context) -> list[tuple]:
+    """Every path Aivonx serves; unknown ones get Ollama's 404."""
+    args = {"ctx": ctx}
+    documented = documented_routes(ctx)
+    return [
+        # Ollama's native API, relayed to the node that has the model
+        (r"/", ollama.RootHandler, args),
+        (r"/api/version", ollama.VersionHandler, args),
+        (r"/api/tags", ollama.TagsHandler, args),
+        (r"/api/ps", ollama.PsHandler, args),
+        (r"/api/show", ollama.ShowHandler, args),
+        (r"/api/generate", ollama.GenerateHandler, args),
+        (r"/api/chat", ollama.ChatHandler, args),
+        (r"/api/embed", ollama.EmbedHandler, args),
+        (r"/api/embeddings", ollama.EmbeddingsHandler, args),
+        # Ollama's OpenAI-compatible API
+        (r"/v1/chat/completions", openai.ChatCompletionsHandler, args),
+        (r"/v1/completions", openai.CompletionsHandler, args),
+        (r"/v1/embeddings", openai.OpenAIEmbeddingsHandler, args),
+        (r"/v1/models", openai.ModelsHandler, args),
+        (r"/v1/models/([^/]+)", openai.ModelHandler, args),
+        (r"/v1/responses", openai.ResponsesHandler, args),
+        # Ollama's Anthropic-compatible API
+        (r"/v1/messages", anthropic.MessagesHandler, args),
+        *documented,
+        # The API's documentation
+        (r"/api/schema", docs.SchemaHandler, {**args, "cache": docs.SchemaCache(documented)}),
+        (r"/swagger", docs.DocsPageHandler, {**args, "template": "docs/swagger.html"}),
+        (r"/redoc", docs.DocsPageHandler, {**args, "template": "docs/redoc.html"}),
+        # Prometheus
+        (r"/metrics", metrics.MetricsHandler, args),
+        # The status page and its forms
+        (r"/ui", pages.StatusPageHandler, args),
+        (r"/ui/login", pages.LoginPageHandler, args),
+        (r"/ui/logout", pages.LogoutFormHandler, args),
+        (r"/ui/nodes", pages.AddNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)", pages.EditNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)/drain", pages.DrainNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)/delete", pages.DeleteNodeHandler, args),
+        (r"/ui/strategy", pages.StrategyHandler, args),
+        (r"/ui/pull", pages.PullFormHandler, args),
+    ]
 
 
 def make_app(ctx: Context) -> tornado.web.Application:
-    documented = [*manage.routes(ctx), *account.routes(ctx), *modelops.routes(ctx),
-                  *blobs.routes(ctx)]
-    routes = [
-        *ollama.routes(ctx),
-        *openai.routes(ctx),
-        *anthropic.routes(ctx),
-        *documented,
-        *docs.routes(ctx, documented),
-        *metrics.routes(ctx),
-        *pages.routes(ctx),
-    ]
     return tornado.web.Application(
-        routes,
+        routes(ctx),
         default_handler_class=base.NotFoundHandler,
         default_handler_args={"ctx": ctx},
         compress_response=False,  # streams must reach clients chunk by chunk

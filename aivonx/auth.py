@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from tornado.ioloop import IOLoop
 
 from . import store
-from .handlers.base import ApiError
+from .errors import ApiError
 
 log = logging.getLogger("aivonx.auth")
 

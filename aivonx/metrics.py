@@ -11,6 +11,9 @@ import bisect
 from collections import defaultdict
 from typing import Any
 
+from .registry import Registry
+from .scheduler import Scheduler
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
@@ -60,7 +63,7 @@ class Metrics:
     def failure(self, node: str, model: str, kind: str) -> None:
         self.failures[(node, model, kind)] += 1
 
-    def render(self, ctx: Any) -> str:
+    def render(self, registry: Registry, scheduler: Scheduler) -> str:
         """The whole exposition, built at scrape time."""
         out: list[str] = []
 
@@ -106,7 +109,6 @@ class Metrics:
                   (), self.overhead)
         histogram("aivonx_queue_wait_seconds", "Time spent waiting for a free slot.",
                   (), self.queue_wait)
-        registry, scheduler = ctx.registry, ctx.scheduler
         nodes = sorted(registry.nodes.values(), key=lambda n: n.id)
         family("aivonx_in_flight_requests", "gauge", "Requests in flight per node.")
         out.extend(f"aivonx_in_flight_requests{_labels(('node',), (n.name,))} "

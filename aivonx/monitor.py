@@ -94,13 +94,14 @@ class Monitor:
         self.cycles += 1
 
     def _schedule_next(self, node: NodeState, failed: bool) -> None:
-        node.probe_failures = node.probe_failures + 1 if failed else 0
+        failures = node.probe_failures + 1 if failed else 0
         delay = 0.0
-        if node.probe_failures >= BACKOFF_AFTER:
-            exponent = node.probe_failures - BACKOFF_AFTER + 1
+        if failures >= BACKOFF_AFTER:
+            exponent = failures - BACKOFF_AFTER + 1
             delay = min(self.interval * 2 ** min(exponent, 16), max(BACKOFF_MAX, self.interval))
         # Half an interval early, so the node is due at the next tick.
-        node.next_probe_at = time.monotonic() + delay - self.interval / 2
+        self.registry.schedule_probe(node, failures,
+                                     time.monotonic() + delay - self.interval / 2)
 
     async def _get(self, node: NodeState, path: str) -> HTTPResponse:
         request = HTTPRequest(node.url + path, connect_timeout=self.timeout,
@@ -141,11 +142,11 @@ class Monitor:
             self.on_models_changed(node)
         if not isinstance(ps, BaseException):
             try:
-                node.loaded = parse_model_list(ps.body)
+                self.registry.set_loaded(node, parse_model_list(ps.body))
             except ProbeError:
-                node.loaded = []
+                self.registry.set_loaded(node, [])
         if not isinstance(version, BaseException):
-            node.version = parse_version_body(version.body)
+            self.registry.set_version(node, parse_version_body(version.body))
         if self.registry.mark_up(node):
             log.info("node %s (%s) is back with %d models", node.name, node.url, len(node.models))
             self._status_changed(node)

@@ -70,3 +70,8 @@ def base_url(address: str, port: int) -> str:
     if address.startswith("https://"):
         return f"{address}:{port}"
     return f"http://{address}:{port}"
+
+
+def default_name(address: str, port: int) -> str:
+    """The name a node gets when the admin gives none: host and port."""
+    return f"{address.split('://')[-1]}:{port}"

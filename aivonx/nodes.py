@@ -1,14 +1,15 @@
-"""Admin changes to nodes and routing, shared by the REST API and the pages.
+"""A node's life: validated, stored, live in the registry, probed.
 
-Each function validates what the client sent, writes the store and brings
-the registry in line in the same call, so routing sees a change at once;
-a node that is new, moved or re-enabled is probed right away rather than at
-the next health cycle. No HTTP here: handlers turn ValidationError and
-LookupError into answers.
+The node service is the one place admin changes to nodes and routing go
+through, from the REST API, the pages and the --node flags alike. Each
+change validates what the client sent, writes the store and brings the
+registry in line in the same call, so routing sees it at once; a node that
+is new, moved or re-enabled is probed right away rather than at the next
+health cycle. No HTTP here: handlers turn ValidationError and LookupError
+into answers.
 """
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 import math
@@ -17,16 +18,16 @@ from typing import Any
 import peewee
 
 from . import store
-from .nodeaddr import DEFAULT_PORT, InvalidAddress, split_address
-from .registry import NodeState
-from .router import STRATEGIES
+from .nodeaddr import DEFAULT_PORT, InvalidAddress, default_name, parse_node_url, split_address
+from .registry import NodeState, Registry
+from .router import DEFAULT_STRATEGY, STRATEGIES, Router
+from .tasks import BackgroundTasks
 
 log = logging.getLogger("aivonx.nodes")
 
 MAX_NAME = 100
 MAX_SLOTS = 1024     # parallel requests a node takes before requests queue
 MAX_WEIGHT = 100.0   # relative capacity; weights above this say nothing more
-_background: set[asyncio.Future] = set()
 
 
 class ValidationError(Exception):
@@ -135,7 +136,7 @@ def _clean(data: Any, current: store.Node | None, partial: bool) -> dict[str, An
     address = out.get("address", current.address if current else None)
     port = out.setdefault("port", current.port if current else DEFAULT_PORT)
     if current is None and "name" not in out:
-        out["name"] = f"{address.split('://')[-1]}:{port}"
+        out["name"] = default_name(address, port)
     duplicate = store.Node.select().where((store.Node.address == address)
                                           & (store.Node.port == port))
     if current is not None:
@@ -144,18 +145,6 @@ def _clean(data: Any, current: store.Node | None, partial: bool) -> dict[str, An
         raise ValidationError({"address": f"a node with address {address} and port {port} "
                                           "already exists"}, status=409)
     return out
-
-
-def _probe_soon(ctx: Any, state: NodeState) -> None:
-    task = asyncio.ensure_future(ctx.monitor.probe(state))
-    _background.add(task)
-    task.add_done_callback(_done)
-
-
-def _done(task: asyncio.Future) -> None:
-    _background.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("probe after a node change failed: %s", task.exception())
 
 
 def _saved(fn: Any) -> Any:
@@ -167,57 +156,101 @@ def _saved(fn: Any) -> Any:
                               status=409) from None
 
 
-def create_node(ctx: Any, data: dict[str, Any]) -> store.Node:
-    values = _clean(data, None, partial=False)
-    node = _saved(lambda: store.Node.create(**values))
-    _probe_soon(ctx, ctx.sync_node(node))
-    log.info("added node %s (%s:%s)", node.name, node.address, node.port)
-    return node
+class NodeService:
+    """Owns the nodes: the store's rows and the registry's live state agree
+    after every call."""
 
+    def __init__(self, registry: Registry, router: Router, scheduler: Any, monitor: Any,
+                 tasks: BackgroundTasks) -> None:
+        self.registry = registry
+        self.router = router
+        self.scheduler = scheduler
+        self.monitor = monitor
+        self.tasks = tasks
+        self.persist = False  # set once the store is open
 
-def update_node(ctx: Any, node_id: int, data: dict[str, Any], partial: bool) -> store.Node:
-    """Change a node (PUT: address required; PATCH: any subset). Moving it
-    voids what was known about the old machine; re-enabling it or moving it
-    probes it at once; disabling it drains it (requests in flight finish).
-    New slots or weight apply to the next routing decision: more slots hand
-    waiting requests to the node at once, fewer let the ones in flight finish."""
-    node = store.Node.get_or_none(store.Node.id == node_id)
-    if node is None:
-        raise LookupError(node_id)
-    values = _clean(data, node, partial)
-    moved = (values.get("address", node.address), values["port"]) != (node.address, node.port)
-    enabled = values.get("active", node.active) and not node.active
-    for field, value in values.items():
-        setattr(node, field, value)
-    if moved:
-        node.models_json = "[]"
-    _saved(node.save)
-    state = ctx.sync_node(node)
-    if moved:
-        ctx.registry.set_models(state, [], [])
-    if moved or enabled:
-        _probe_soon(ctx, state)
-    log.info("updated node %s: %s", node.id, ", ".join(sorted(values)))
-    return node
+    # -- start-up --------------------------------------------------------------
+    def load(self, urls: list[str]) -> None:
+        """Add each --node URL (idempotent across restarts), then bring every
+        stored node and the stored strategy into the registry."""
+        self.persist = True
+        for url in urls:
+            address, port = parse_node_url(url)
+            if not store.Node.select().where((store.Node.address == address)
+                                             & (store.Node.port == port)).exists():
+                store.Node.create(name=default_name(address, port), address=address, port=port)
+                log.info("added node %s:%s", address, port)
+        strategy = store.get_config("strategy", DEFAULT_STRATEGY)
+        self.router.strategy = strategy if strategy in STRATEGIES else DEFAULT_STRATEGY
+        for node in store.Node.select():
+            self.sync(node)
 
+    # -- store -> registry ---------------------------------------------------
+    def sync(self, node: store.Node) -> NodeState:
+        """Bring the registry in line with a stored node (after any change)."""
+        state = self.registry.upsert(node.id, node.name, node.address, node.port,
+                                     node.active, node.models, slots=node.slots,
+                                     weight=node.weight)
+        self.scheduler.dispatch()  # more capacity may wake waiting requests
+        return state
 
-def delete_node(ctx: Any, node_id: int) -> None:
-    """Forget a node; requests it is serving finish, no new ones go there."""
-    node = store.Node.get_or_none(store.Node.id == node_id)
-    if node is None:
-        raise LookupError(node_id)
-    node.delete_instance()
-    ctx.registry.remove(node_id)
-    log.info("deleted node %s (%s:%s)", node.id, node.address, node.port)
+    def models_changed(self, state: NodeState) -> None:
+        """A node's model list changed (probe or listing): keep it, so routing
+        works from the first request after a restart."""
+        if self.persist:
+            store.save_models(state.id, sorted(state.models.values()))
 
+    def probe_soon(self, state: NodeState) -> None:
+        self.tasks.spawn(self.monitor.probe(state), f"probe of node {state.name}")
 
-def set_strategy(ctx: Any, name: Any) -> None:
-    """Switch the routing strategy for the next request, and keep it."""
-    valid = ", ".join(STRATEGIES)
-    if not isinstance(name, str):
-        raise ValidationError({"strategy": f"must be a string, one of: {valid}"})
-    if name not in STRATEGIES:
-        raise ValidationError({"strategy": f"unknown strategy {name[:100]!r}; valid: {valid}"})
-    ctx.router.strategy = name
-    store.set_config("strategy", name)
-    log.info("routing strategy is now %s", name)
+    # -- admin changes ---------------------------------------------------------
+    def create(self, data: Any) -> store.Node:
+        values = _clean(data, None, partial=False)
+        node = _saved(lambda: store.Node.create(**values))
+        self.probe_soon(self.sync(node))
+        log.info("added node %s (%s:%s)", node.name, node.address, node.port)
+        return node
+
+    def update(self, node_id: int, data: Any, partial: bool) -> store.Node:
+        """Change a node (PUT: address required; PATCH: any subset). Moving it
+        voids what was known about the old machine; re-enabling it or moving
+        it probes it at once; disabling it drains it (requests in flight
+        finish). New slots or weight apply to the next routing decision: more
+        slots hand waiting requests to the node at once, fewer let the ones
+        in flight finish."""
+        node = store.Node.get_or_none(store.Node.id == node_id)
+        if node is None:
+            raise LookupError(node_id)
+        values = _clean(data, node, partial)
+        moved = (values.get("address", node.address), values["port"]) != (node.address, node.port)
+        enabled = values.get("active", node.active) and not node.active
+        for field, value in values.items():
+            setattr(node, field, value)
+        if moved:
+            node.models_json = "[]"
+        _saved(node.save)
+        state = self.sync(node)
+        if moved or enabled:
+            self.probe_soon(state)
+        log.info("updated node %s: %s", node.id, ", ".join(sorted(values)))
+        return node
+
+    def delete(self, node_id: int) -> None:
+        """Forget a node; requests it is serving finish, no new ones go there."""
+        node = store.Node.get_or_none(store.Node.id == node_id)
+        if node is None:
+            raise LookupError(node_id)
+        node.delete_instance()
+        self.registry.remove(node_id)
+        log.info("deleted node %s (%s:%s)", node.id, node.address, node.port)
+
+    def set_strategy(self, name: Any) -> None:
+        """Switch the routing strategy for the next request, and keep it."""
+        valid = ", ".join(STRATEGIES)
+        if not isinstance(name, str):
+            raise ValidationError({"strategy": f"must be a string, one of: {valid}"})
+        if name not in STRATEGIES:
+            raise ValidationError({"strategy": f"unknown strategy {name[:100]!r}; valid: {valid}"})
+        self.router.strategy = name
+        store.set_config("strategy", name)
+        log.info("routing strategy is now %s", name)

@@ -1,32 +1,22 @@
 """Live node state: the in-memory truth that routing reads.
 
 Nothing here touches the database or the network; the monitor and the relay
-report what they observe, the management API reports what admins change.
+report what they observe, the node service reports what admins change. The
+registry is the only writer of a NodeState: everything else reads it.
 """
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from . import modelnames
+from .breaker import FAILURES as BREAKER_FAILURES, Breaker
 from .nodeaddr import base_url
 
 LATENCY_SMOOTHING = 0.3  # weight of a new sample in the moving average
 DEFAULT_SLOTS = 4         # Ollama's default parallelism where memory allows
 
-# Live-traffic circuit breaker: this many transport failures within the
-# window open it; it stays open for the cooldown, doubling each time it
-# re-opens right after closing, up to the cap.
-BREAKER_FAILURES = 3
-BREAKER_WINDOW = 60.0
-BREAKER_COOLDOWN = 15.0
-BREAKER_COOLDOWN_MAX = 300.0
-# Failures this close together are one incident: a node that crashes fails
-# every request it was serving at the same instant, which is one failure of
-# the node, not several.
-BREAKER_INCIDENT = 1.0
 # A node answering 429/503 ("server busy") rests this long unless it says
 # how long itself (Retry-After), bounded.
 BUSY_COOLDOWN = 5.0
@@ -58,9 +48,7 @@ class NodeState:
     errors: int = 0
     slots: int = DEFAULT_SLOTS     # parallel requests the node takes before queueing
     weight: float = 1.0            # relative capacity, for unequal hardware
-    failures: deque = field(default_factory=deque)  # monotonic times of transport failures
-    breaker_until: float = 0.0     # monotonic; the circuit is open before this
-    breaker_cooldown: float = BREAKER_COOLDOWN
+    breaker: Breaker = field(default_factory=Breaker)
     cooldown_until: float = 0.0    # monotonic; resting after 429/503 before this
     last_error_at: float = 0.0     # monotonic time of the last failed request
     probe_failures: int = 0        # consecutive failed probes
@@ -79,7 +67,7 @@ class NodeState:
     def resting(self, now: float | None = None) -> bool:
         """Open circuit or busy cooldown: healthy, but not taking requests."""
         now = time.monotonic() if now is None else now
-        return now < self.breaker_until or now < self.cooldown_until
+        return self.breaker.is_open(now) or now < self.cooldown_until
 
     @property
     def routable(self) -> bool:
@@ -167,15 +155,24 @@ class Registry:
         state.name = name
         state.address, state.port = address, port
         if moved:
-            # A different machine: what we knew about the old one is void.
-            state.healthy = False
-            state.reason = "address changed, not probed yet"
-            state.since = time.time()
-            state.latency = state.last_latency = None
-            state.latency_history.clear()
-            state.loaded = []
+            self._forget_machine(state)
         self.set_enabled(state, enabled)
         return state
+
+    def _forget_machine(self, state: NodeState) -> None:
+        """The node's address changed: a different machine, and everything
+        known about the old one (health, models, version, breaker) is void."""
+        state.healthy = False
+        state.reason = "address changed, not probed yet"
+        state.since = time.time()
+        state.latency = state.last_latency = None
+        state.latency_history.clear()
+        state.version = None
+        state.models, state.tags, state.loaded = {}, [], []
+        state.breaker = Breaker()
+        state.cooldown_until = state.last_error_at = 0.0
+        state.probe_failures = 0
+        state.next_probe_at = 0.0
 
     def remove(self, node_id: int) -> None:
         self.nodes.pop(node_id, None)
@@ -209,25 +206,11 @@ class Registry:
 
     def transport_failed(self, state: NodeState, reason: str) -> bool:
         """A live request could not talk to the node. Repeated failures open
-        the circuit, so a node that flaps between probes stops eating
-        requests. Returns True when the circuit just opened."""
-        now = time.monotonic()
-        state.last_error_at = now
-        if state.failures and now - state.failures[-1] < BREAKER_INCIDENT:
+        the circuit (see aivonx.breaker). Returns True when it just opened."""
+        state.last_error_at = time.monotonic()
+        if not state.breaker.record_failure(state.last_error_at):
             return False
-        state.failures.append(now)
-        while state.failures and now - state.failures[0] > BREAKER_WINDOW:
-            state.failures.popleft()
-        if len(state.failures) < BREAKER_FAILURES or now < state.breaker_until:
-            return False
-        # Re-opening soon after the last opening means it is still flapping.
-        if now - state.breaker_until < BREAKER_WINDOW and state.breaker_until:
-            state.breaker_cooldown = min(state.breaker_cooldown * 2, BREAKER_COOLDOWN_MAX)
-        else:
-            state.breaker_cooldown = BREAKER_COOLDOWN
-        state.breaker_until = now + state.breaker_cooldown
-        state.failures.clear()
-        state.reason = (f"circuit open for {state.breaker_cooldown:g} s after "
+        state.reason = (f"circuit open for {state.breaker.cooldown:g} s after "
                         f"{BREAKER_FAILURES} failures: {reason}")[:300]
         state.since = time.time()
         return True
@@ -271,8 +254,24 @@ class Registry:
         if tags is not None:
             state.tags = tags
 
+    def set_loaded(self, state: NodeState, entries: list[dict[str, Any]]) -> None:
+        """A node's /api/ps answer: the models it holds in memory."""
+        state.loaded = entries
+
+    def set_version(self, state: NodeState, version: str | None) -> None:
+        state.version = version
+
+    def schedule_probe(self, state: NodeState, failures: int, at: float) -> None:
+        """The monitor's backoff: consecutive failed probes and when next."""
+        state.probe_failures = failures
+        state.next_probe_at = at
+
     def begin(self, state: NodeState) -> None:
         state.active_requests += 1
+
+    def unreserve(self, state: NodeState) -> None:
+        """A reserved slot given back unused (its waiter left)."""
+        state.active_requests -= 1
 
     def end(self, state: NodeState, ok: bool) -> None:
         state.active_requests -= 1

@@ -13,7 +13,6 @@ while the node is silent during a model load.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Callable, Protocol
@@ -22,6 +21,7 @@ from tornado import httputil
 from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
+from .errors import error_body, stream_error_chunk
 from .registry import NodeState, Registry
 from .upstream import ConnectionHandle, UpstreamRequest, make_upstream_client
 
@@ -57,51 +57,6 @@ class Sink(Protocol):
     def clear_header(self, name: str) -> None: ...
     def write(self, chunk: bytes) -> None: ...
     def flush(self) -> Any: ...
-
-
-def _openai_error(message: str, status: int) -> dict[str, Any]:
-    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-
-
-def _anthropic_error(message: str, status: int) -> dict[str, Any]:
-    kind = {400: "invalid_request_error", 401: "authentication_error",
-            403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-            429: "rate_limit_error", 503: "overloaded_error"}.get(status, "api_error")
-    return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def error_body(style: str, message: str, status: int) -> bytes:
-    """An error in the client's dialect: Ollama's, OpenAI's (also for the
-    Responses API) or Anthropic's."""
-    if style in ("openai", "responses"):
-        return json.dumps(_openai_error(message, status)).encode()
-    if style == "anthropic":
-        return json.dumps(_anthropic_error(message, status)).encode()
-    return json.dumps({"error": message}).encode()
-
-
-def stream_error_chunk(content_type: str, message: str, style: str = "ollama") -> bytes | None:
-    """The final chunk that tells a streaming client its stream broke, in the
-    stream's own framing; None where the framing has no room for one.
-
-    Anthropic's stream ends with an `error` event; the Responses API's with
-    an `error` event that also carries the `error` object the openai SDK
-    raises from; chat completions with a `data:` error object."""
-    ctype = content_type.split(";", 1)[0].strip().lower()
-    if ctype == "application/x-ndjson":
-        return json.dumps({"error": message}).encode() + b"\n"
-    if ctype != "text/event-stream":
-        return None
-    if style == "anthropic":
-        return b"event: error\ndata: " + json.dumps(_anthropic_error(message, 500)).encode() \
-            + b"\n\n"
-    payload = _openai_error(message, 500)
-    if style == "responses":
-        payload = {"type": "error", "code": "api_error", "message": message, "param": None,
-                   **payload}
-        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 class Attempt:

@@ -118,7 +118,7 @@ class Scheduler:
         if counted:
             self.registry.end(node, ok)
         else:
-            node.active_requests -= 1
+            self.registry.unreserve(node)
         self.dispatch()
 
     def dispatch(self) -> None:

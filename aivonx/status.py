@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .registry import NodeState
+from .registry import NodeState, Registry
+from .scheduler import Scheduler
 
 
 def _seconds(value: float | None) -> float | None:
@@ -14,7 +15,7 @@ def _seconds(value: float | None) -> float | None:
     return round(value, 6)
 
 
-def _average_wait(scheduler: Any) -> float | None:
+def _average_wait(scheduler: Scheduler) -> float | None:
     """Mean wait of the requests that have left the queue (served, timed out
     or gone); those still waiting would count as zero."""
     left = scheduler.queued_total - scheduler.depth
@@ -49,9 +50,8 @@ def node_view(node: NodeState) -> dict[str, Any]:
     }
 
 
-def cluster_state(ctx: Any) -> dict[str, Any]:
+def cluster_state(registry: Registry, scheduler: Scheduler, strategy: str) -> dict[str, Any]:
     """Everything the state API and the status page show, in one snapshot."""
-    registry, scheduler = ctx.registry, ctx.scheduler
     nodes = sorted(registry.nodes.values(), key=lambda n: n.id)
     views = [node_view(n) for n in nodes]
     return {
@@ -62,7 +62,7 @@ def cluster_state(ctx: Any) -> dict[str, Any]:
         "active_counts": {n.url: n.active_requests for n in nodes},
         "models": {n.url: sorted(n.models.values()) for n in nodes},
         "loaded_models": {n.url: v["loaded"] for n, v in zip(nodes, views)},
-        "strategy": ctx.router.strategy,
+        "strategy": strategy,
         "total_active_requests": registry.total_active(),
         "requests_served": registry.requests_served,
         "errors": registry.errors,

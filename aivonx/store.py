@@ -14,7 +14,6 @@ from typing import Any
 import peewee
 from playhouse.migrate import SqliteMigrator, migrate
 
-from .nodeaddr import parse_node_url
 
 log = logging.getLogger("aivonx.store")
 
@@ -126,20 +125,6 @@ def _add_missing_columns(db: peewee.SqliteDatabase) -> None:
                 log.info("migrating: adding column %s.%s", table, fld.column_name)
     if operations:
         migrate(*operations)
-
-
-def ensure_nodes(urls: list[str]) -> list[Node]:
-    """Make sure each --node URL has a row; idempotent across restarts."""
-    nodes = []
-    for url in urls:
-        address, port = parse_node_url(url)
-        node = Node.get_or_none((Node.address == address) & (Node.port == port))
-        if node is None:
-            node = Node.create(name=f"{address.split('://')[-1]}:{port}",
-                               address=address, port=port)
-            log.info("added node %s:%s", address, port)
-        nodes.append(node)
-    return nodes
 
 
 def get_config(key: str, default: Any = None) -> Any:

@@ -16,11 +16,7 @@ from tests.test_relay import GEN, fetch_stream, raw_request, wait_for
 
 def configure(proxy, fake, **fields) -> None:
     """Change a node's stored settings the way the management API does."""
-    node = Node.get((Node.port == fake.port))
-    for name, value in fields.items():
-        setattr(node, name, value)
-    node.save()
-    proxy.ctx.sync_node(node)
+    proxy.ctx.nodes.update(Node.get(Node.port == fake.port).id, fields, partial=True)
 
 
 def overlap(records) -> int:
@@ -177,7 +173,7 @@ async def test_resting_nodes_serve_when_no_other_node_can(io_loop, make_node, ma
     resting = await make_node()
     proxy = await make_proxy([resting], health_interval=3600)
     state = proxy.node(resting)
-    state.breaker_until = time.monotonic() + 60  # its circuit is open
+    state.breaker.until = time.monotonic() + 60  # its circuit is open
     assert state.healthy and state.status == "standby"
     # It answers probes and nothing else has the model: trying it beats
     # refusing the client.

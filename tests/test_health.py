@@ -8,7 +8,6 @@ import time
 import ollama
 import pytest
 
-from aivonx.store import Node
 from tests.test_relay import wait_for
 
 
@@ -42,8 +41,8 @@ async def test_one_hanging_node_never_delays_the_probes_of_the_others(io_loop, m
     hanging.listen(16)
     try:
         proxy = await make_proxy([fine], health_interval=3600, probe_timeout=1.0)
-        Node.create(name="hanging", address="127.0.0.1", port=hanging.getsockname()[1])
-        proxy.ctx.sync_node(Node.get(Node.name == "hanging"))
+        proxy.ctx.nodes.create({"name": "hanging", "address": "127.0.0.1",
+                                "port": hanging.getsockname()[1]})
         started = time.monotonic()
         await proxy.probe()
         assert time.monotonic() - started < 1.5

@@ -9,7 +9,7 @@ import sys
 
 from openapi_spec_validator import validate
 
-from aivonx.handlers import account, manage, modelops
+from aivonx.app import documented_routes
 from tests.api_client import call, login
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,18 +43,18 @@ async def test_schema_is_valid_openapi_covering_every_endpoint(io_loop, make_pro
     assert spec["components"]["securitySchemes"]["bearerAuth"] == {"type": "http",
                                                                    "scheme": "bearer"}
     documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
-    for module in (manage, account, modelops):
-        for pattern, handler, _ in module.routes(None):
-            path = re.sub(r"\([^)]*\)", "{node_id}", pattern)
-            for method in ("get", "post", "put", "patch", "delete"):
-                if method in handler.__dict__:
-                    assert (path, method) in documented, (path, method)
-                    operation = spec["paths"][path][method]
-                    assert operation["responses"] and operation["summary"]
-                    protected = getattr(handler.__dict__[method], "__wrapped__", None)
-                    if protected is not None:
-                        assert operation["security"] == [{"bearerAuth": []}], (path, method)
-                        assert "401" in operation["responses"], (path, method)
+    for pattern, handler, _ in documented_routes(None):
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+        path = re.sub(r"\([^)]*\)", "{node_id}", path)
+        for method in ("get", "post", "put", "patch", "delete"):
+            if method in handler.__dict__:
+                assert (path, method) in documented, (path, method)
+                operation = spec["paths"][path][method]
+                assert operation["responses"] and operation["summary"]
+                protected = getattr(handler.__dict__[method], "__wrapped__", None)
+                if protected is not None:
+                    assert operation["security"] == [{"bearerAuth": []}], (path, method)
+                    assert "401" in operation["responses"], (path, method)
     assert {"/api/account/login", "/api/proxy/nodes/{node_id}", "/api/proxy/pull",
             "/api/pull"} <= set(spec["paths"])
     node_input = spec["components"]["schemas"]["NodeInput"]

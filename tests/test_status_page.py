@@ -134,8 +134,7 @@ async def test_names_models_and_errors_are_escaped(io_loop, make_node, make_prox
     evil = '<img src=x onerror="alert(1)">&'
     a = await make_node()
     proxy = await make_proxy([a], health_interval=3600)  # no probe undoes mark_down
-    Node.update(name=evil).execute()
-    proxy.ctx.sync_node(Node.get())
+    proxy.ctx.nodes.update(Node.get().id, {"name": evil}, partial=True)
     proxy.registry.mark_down(proxy.node(a), "<script>alert('reason')</script>")
     proxy.node(a).models["x"] = "<b>model</b>"
     html = (await get(proxy.url + "/ui")).body.decode()

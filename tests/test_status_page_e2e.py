@@ -19,7 +19,6 @@ import ollama
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from aivonx import nodes
 from tests import api_client as api
 from tests.conftest import ROOT_PASSWORD
 
@@ -143,7 +142,7 @@ async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, m
     c = await make_node(["phi3:mini"])  # added from the page
     proxy = await make_proxy([a, b, d])
     for fake, name in ((a, "gpu-a"), (b, "gpu-b"), (d, "gpu-d")):
-        nodes.update_node(proxy.ctx, proxy.node(fake).id, {"name": name}, partial=True)
+        proxy.ctx.nodes.update(proxy.node(fake).id, {"name": name}, partial=True)
     client = ollama.AsyncClient(host=proxy.url)
     for _ in range(3):
         await client.generate(model="qwen3:8b", prompt="hi", stream=False)

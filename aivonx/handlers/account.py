@@ -1,10 +1,9 @@
 """Login, token refresh and logout under /api/account."""
 from __future__ import annotations
 
-from typing import Any
 
 from ..auth import AuthError
-from .base import ApiError
+from ..errors import ApiError
 from .manage import ManageHandler
 
 
@@ -91,12 +90,3 @@ class LogoutHandler(ManageHandler):
         for token in tokens:
             self.ctx.auth.revoke(token)
         self.write_json({"status": "logged out"})
-
-
-def routes(ctx: Any) -> list[tuple]:
-    args = {"ctx": ctx}
-    return [
-        (r"/api/account/login", LoginHandler, args),
-        (r"/api/account/refresh", RefreshHandler, args),
-        (r"/api/account/logout", LogoutHandler, args),
-    ]

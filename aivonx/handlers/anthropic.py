@@ -6,7 +6,6 @@ stays at the proxy.
 """
 from __future__ import annotations
 
-from typing import Any
 
 from .relayed import NUMBER, ModelRelayHandler
 
@@ -16,6 +15,3 @@ class MessagesHandler(ModelRelayHandler):
     fields = {"messages": (list,), "max_tokens": NUMBER, "system": (str, list),
               "tools": (list,), "thinking": (dict,), "stop_sequences": (list,)}
 
-
-def routes(ctx: Any) -> list[tuple]:
-    return [(r"/v1/messages", MessagesHandler, {"ctx": ctx})]

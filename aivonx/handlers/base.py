@@ -8,7 +8,8 @@ from typing import Any
 
 import tornado.web
 
-from ..relay import error_body
+from ..context import Context
+from ..errors import ApiError, error_body
 
 log = logging.getLogger("aivonx.http")
 
@@ -34,23 +35,18 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
                    1000.0 * handler.request.request_time())
 
 
-class ApiError(Exception):
-    """An error answered to the client, in its dialect, with its status."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
 class BaseHandler(tornado.web.RequestHandler):
     # "ollama": {"error": "..."}; "openai" and "responses": {"error": {"message": ...}};
     # "anthropic": {"type": "error", "error": {"type": ..., "message": ...}}
     error_style = "ollama"
 
-    def initialize(self, ctx: Any) -> None:
-        self.ctx = ctx
+    def initialize(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    @property
+    def ctx(self) -> Context:
+        """The shared services (aivonx.context): how every handler reaches them."""
+        return self._ctx
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")
@@ -65,8 +61,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def get_current_user(self) -> Any:
         """The user of a valid `Authorization: Bearer` access token, else None.
         Only handlers that ask for it look: inference endpoints ignore tokens."""
-        auth = getattr(self.ctx, "auth", None)
-        return auth.user_for(self.bearer_token()) if auth is not None else None
+        return self.ctx.auth.user_for(self.bearer_token())
 
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)

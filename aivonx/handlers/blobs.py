@@ -1,7 +1,6 @@
 """`HEAD|POST /api/blobs/sha256:<hex>`: blobs on every node, admin only."""
 from __future__ import annotations
 
-from typing import Any
 
 import tornado.web
 
@@ -107,6 +106,3 @@ class BlobHandler(BaseHandler):
         self.set_status(201 if created else 200)
         self.finish()
 
-
-def routes(ctx: Any) -> list[tuple]:
-    return [(r"/api/blobs/(?P<digest>[^/]+)", BlobHandler, {"ctx": ctx})]

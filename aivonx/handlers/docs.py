@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 from ..openapi import build_spec
+from ..context import Context
 from .base import BaseHandler
 
 # ReDoc shows a logo from a CDN; the page must not reach out for it.
@@ -32,7 +32,7 @@ class SchemaCache:
 
 
 class SchemaHandler(BaseHandler):
-    def initialize(self, ctx: Any, cache: SchemaCache) -> None:
+    def initialize(self, ctx: Context, cache: SchemaCache) -> None:
         super().initialize(ctx)
         self.cache = cache
 
@@ -42,7 +42,7 @@ class SchemaHandler(BaseHandler):
 
 
 class DocsPageHandler(BaseHandler):
-    def initialize(self, ctx: Any, template: str) -> None:
+    def initialize(self, ctx: Context, template: str) -> None:
         super().initialize(ctx)
         self.template = template
 
@@ -50,12 +50,3 @@ class DocsPageHandler(BaseHandler):
         self.set_header("Content-Security-Policy", DOCS_CSP)
         self.set_header("X-Content-Type-Options", "nosniff")
         self.render(self.template, spec_url="/api/schema")
-
-
-def routes(ctx: Any, documented: list[tuple]) -> list[tuple]:
-    cache = SchemaCache(documented)
-    return [
-        (r"/api/schema", SchemaHandler, {"ctx": ctx, "cache": cache}),
-        (r"/swagger", DocsPageHandler, {"ctx": ctx, "template": "docs/swagger.html"}),
-        (r"/redoc", DocsPageHandler, {"ctx": ctx, "template": "docs/redoc.html"}),
-    ]

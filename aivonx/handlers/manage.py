@@ -13,7 +13,8 @@ from .. import nodes, store
 from ..auth import admin_required
 from ..router import STRATEGIES
 from ..status import cluster_state, node_view
-from .base import ApiError, BaseHandler
+from ..errors import ApiError
+from .base import BaseHandler
 
 MAX_BODY = 1024 * 1024  # management bodies are small; refuse before parsing
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
@@ -91,7 +92,7 @@ class StateHandler(ManageHandler):
         responses:
           200: {description: The state, content: {application/json: {schema: State}}}
         """
-        self.write_json(cluster_state(self.ctx))
+        self.write_json(cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy))
 
 
 ACTIVE_FIELDS = ("id", "name", "address", "port", "url", "active_requests", "status",
@@ -146,7 +147,7 @@ class ConfigHandler(ManageHandler):
     async def _update(self, partial: bool) -> None:
         body = await self.json_body()
         if "strategy" in body:
-            nodes.set_strategy(self.ctx, body["strategy"])
+            self.ctx.nodes.set_strategy(body["strategy"])
         elif not partial:
             raise nodes.ValidationError({"strategy": "this field is required"})
         self.write_json(self.config())
@@ -231,7 +232,7 @@ class NodesHandler(ManageHandler):
           401: Unauthorized
           409: Conflict
         """
-        node = nodes.create_node(self.ctx, await self.json_body())
+        node = self.ctx.nodes.create(await self.json_body())
         self.set_header("Location", f"{self.request.path}/{node.id}")
         self.write_json(nodes.node_dict(node), 201)
 
@@ -261,7 +262,7 @@ class NodeHandler(ManageHandler):
     async def _update(self, text: str, partial: bool) -> None:
         body = await self.json_body()
         try:
-            node = nodes.update_node(self.ctx, parse_node_id(text), body, partial)
+            node = self.ctx.nodes.update(parse_node_id(text), body, partial)
         except LookupError:
             raise ApiError(404, f"node {text} not found") from None
         self.write_json(nodes.node_dict(node))
@@ -325,7 +326,7 @@ class NodeHandler(ManageHandler):
           404: NotFound
         """
         try:
-            nodes.delete_node(self.ctx, self._get_node(node_id).id)
+            self.ctx.nodes.delete(self._get_node(node_id).id)
         except LookupError:
             raise ApiError(404, f"node {node_id} not found") from None
         self.set_status(204)
@@ -342,16 +343,3 @@ class HealthHandler(BaseHandler):
           200: {description: The proxy is running, content: {application/json: {schema: Health}}}
         """
         self.write_json({"status": "healthy"})
-
-
-def routes(ctx: Any) -> list[tuple]:
-    args = {"ctx": ctx}
-    return [
-        (r"/api/health", HealthHandler, args),
-        (r"/api/proxy", ProxyStatusHandler, args),
-        (r"/api/proxy/state", StateHandler, args),
-        (r"/api/proxy/active-requests", ActiveRequestsHandler, args),
-        (r"/api/proxy/config", ConfigHandler, args),
-        (r"/api/proxy/nodes", NodesHandler, args),
-        (r"/api/proxy/nodes/([0-9]+)", NodeHandler, args),
-    ]

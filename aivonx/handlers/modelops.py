@@ -16,7 +16,8 @@ from tornado.iostream import StreamClosedError
 from .. import modelnames, modelops, pulls
 from ..auth import admin_required
 from ..registry import NodeState
-from .base import ApiError
+from ..context import Context
+from ..errors import ApiError
 from .manage import ManageHandler
 from .relayed import check_types
 
@@ -44,7 +45,7 @@ class ModelOpHandler(ManageHandler):
     """Streams lines to the client; closes every upstream connection when
     the client goes away."""
 
-    def initialize(self, ctx: Any) -> None:
+    def initialize(self, ctx: Context) -> None:
         super().initialize(ctx)
         self.cancel = pulls.Cancel()
         self.streaming = False
@@ -337,15 +338,3 @@ class DeleteHandler(ModelOpHandler):
         else:
             raise ApiError(500, modelops.failure_message(
                 "delete", targets, {i: r.error for i, r in results.items()}))
-
-
-def routes(ctx: Any) -> list[tuple]:
-    args = {"ctx": ctx}
-    return [
-        (r"/api/proxy/pull", ProxyPullHandler, args),
-        (r"/api/pull", PullHandler, args),
-        (r"/api/create", CreateHandler, args),
-        (r"/api/push", PushHandler, args),
-        (r"/api/copy", CopyHandler, args),
-        (r"/api/delete", DeleteHandler, args),
-    ]

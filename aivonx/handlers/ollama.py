@@ -1,7 +1,6 @@
 """Ollama's native API, as every Ollama client speaks it."""
 from __future__ import annotations
 
-from typing import Any
 
 from .. import catalog
 from .base import BaseHandler
@@ -44,7 +43,7 @@ class VersionHandler(BaseHandler):
 
 class TagsHandler(BaseHandler):
     async def get(self) -> None:
-        self.write_json({"models": await self.ctx.list_tags()})
+        self.write_json({"models": await self.ctx.listings.tags()})
 
     async def head(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -53,8 +52,7 @@ class TagsHandler(BaseHandler):
 
 class PsHandler(BaseHandler):
     async def get(self) -> None:
-        lists = await self.ctx.fan_out("/api/ps")
-        self.write_json({"models": catalog.merge_ps(entries for _, entries in lists)})
+        self.write_json({"models": await self.ctx.listings.ps()})
 
 
 class ShowHandler(ModelRelayHandler):
@@ -79,18 +77,3 @@ class EmbedHandler(ModelRelayHandler):
 class EmbeddingsHandler(ModelRelayHandler):
     fields = {"prompt": (str,)}
     not_found = 'model "{}" not found, try pulling it first'
-
-
-def routes(ctx: Any) -> list[tuple]:
-    args = {"ctx": ctx}
-    return [
-        (r"/", RootHandler, args),
-        (r"/api/version", VersionHandler, args),
-        (r"/api/tags", TagsHandler, args),
-        (r"/api/ps", PsHandler, args),
-        (r"/api/show", ShowHandler, args),
-        (r"/api/generate", GenerateHandler, args),
-        (r"/api/chat", ChatHandler, args),
-        (r"/api/embed", EmbedHandler, args),
-        (r"/api/embeddings", EmbeddingsHandler, args),
-    ]

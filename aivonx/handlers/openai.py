@@ -1,10 +1,10 @@
 """Ollama's OpenAI-compatible API under /v1, errors in OpenAI's shape."""
 from __future__ import annotations
 
-from typing import Any
 
 from .. import catalog, modelnames
-from .base import ApiError, BaseHandler
+from ..errors import ApiError
+from .base import BaseHandler
 from .relayed import ModelRelayHandler
 
 
@@ -20,7 +20,7 @@ class CompletionsHandler(OpenAIHandler):
     fields = {"prompt": (str, list), "stream_options": (dict,)}
 
 
-class EmbeddingsHandler(OpenAIHandler):
+class OpenAIEmbeddingsHandler(OpenAIHandler):
     fields = {"input": (str, list), "encoding_format": (str,)}
     not_found = 'model "{}" not found, try pulling it first'
 
@@ -38,7 +38,7 @@ class ModelsHandler(BaseHandler):
     error_style = "openai"
 
     async def get(self) -> None:
-        self.write_json(catalog.openai_model_list(await self.ctx.list_tags()))
+        self.write_json(catalog.openai_model_list(await self.ctx.listings.tags()))
 
 
 class ModelHandler(BaseHandler):
@@ -46,21 +46,9 @@ class ModelHandler(BaseHandler):
 
     async def get(self, model: str) -> None:
         try:
-            entry = catalog.find_model(await self.ctx.list_tags(), model)
+            entry = catalog.find_model(await self.ctx.listings.tags(), model)
         except modelnames.InvalidModelName:
             entry = None
         if entry is None:
             raise ApiError(404, f"model '{model[:200]}' not found")
         self.write_json(catalog.openai_model(entry, model_id=model))
-
-
-def routes(ctx: Any) -> list[tuple]:
-    args = {"ctx": ctx}
-    return [
-        (r"/v1/chat/completions", ChatCompletionsHandler, args),
-        (r"/v1/completions", CompletionsHandler, args),
-        (r"/v1/embeddings", EmbeddingsHandler, args),
-        (r"/v1/responses", ResponsesHandler, args),
-        (r"/v1/models", ModelsHandler, args),
-        (r"/v1/models/([^/]+)", ModelHandler, args),
-    ]

@@ -29,6 +29,7 @@ from ..auth import AuthError
 from ..registry import HISTORY_LENGTH, NodeState
 from ..router import STRATEGIES
 from ..status import cluster_state
+from ..context import Context
 from .base import BaseHandler
 
 log = logging.getLogger("aivonx.pages")
@@ -249,7 +250,7 @@ class PageHandler(BaseHandler):
                       values: dict[str, str] | None = None) -> None:
         """The status page; after a failed form, that form open with its
         values and the error of each field."""
-        state = cluster_state(self.ctx)
+        state = cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy)
         summary, tone = overall(state)
         errors, values = errors or {}, values or {}
 
@@ -373,7 +374,7 @@ class LoginPageHandler(PageHandler):
         self.redirect("/ui")
 
 
-class LogoutHandler(FormHandler):
+class LogoutFormHandler(FormHandler):
     def prepare(self) -> None:
         try:
             self.check_xsrf_cookie()
@@ -398,7 +399,7 @@ class AddNodeHandler(FormHandler):
         for name in ("slots", "weight"):  # optional here: 4 slots, weight 1
             if self.field(name):
                 data[name] = form_number(self.field(name))
-        node = nodes.create_node(self.ctx, data)
+        node = self.ctx.nodes.create(data)
         self.done(f"Added node {node.name}; it is being probed.", node_id=node.id)
 
 
@@ -410,7 +411,7 @@ class EditNodeHandler(FormHandler):
             if name in self.request.body_arguments:
                 data[name] = form_number(self.field(name))
         try:
-            node = nodes.update_node(self.ctx, self.node_id(node_id), data, partial=True)
+            node = self.ctx.nodes.update(self.node_id(node_id), data, partial=True)
         except LookupError:
             raise tornado.web.HTTPError(404, "No such node: it was deleted.") from None
         self.done(f"Saved node {node.name}.")
@@ -421,7 +422,7 @@ class DrainNodeHandler(FormHandler):
         self.form = f"drain-{node_id}"
         active = self.field("active") == "1"
         try:
-            node = nodes.update_node(self.ctx, self.node_id(node_id), {"active": active},
+            node = self.ctx.nodes.update(self.node_id(node_id), {"active": active},
                                      partial=True)
         except LookupError:
             raise tornado.web.HTTPError(404, "No such node: it was deleted.") from None
@@ -434,7 +435,7 @@ class DeleteNodeHandler(FormHandler):
         number = self.node_id(node_id)
         state = self.ctx.registry.nodes.get(number)
         try:
-            nodes.delete_node(self.ctx, number)
+            self.ctx.nodes.delete(number)
         except LookupError:
             raise tornado.web.HTTPError(404, "No such node: it was already deleted.") from None
         self.done(f"Deleted node {state.name if state else number}.")
@@ -444,18 +445,18 @@ class StrategyHandler(FormHandler):
     form = "strategy"
 
     def post(self) -> None:
-        nodes.set_strategy(self.ctx, self.field("strategy"))
+        self.ctx.nodes.set_strategy(self.field("strategy"))
         self.done(f"Strategy is now {self.ctx.router.strategy}.")
 
 
-class PullHandler(FormHandler):
+class PullFormHandler(FormHandler):
     """Pull a model onto one node or every serving node. The page's script
     asks for NDJSON and gets each node's progress as it arrives, then a
     summary; a plain form starts the pull and returns at once."""
 
     form = "pull"
 
-    def initialize(self, ctx: Any) -> None:
+    def initialize(self, ctx: Context) -> None:
         super().initialize(ctx)
         self.cancel = pulls.Cancel()
 
@@ -528,18 +529,3 @@ class PullHandler(FormHandler):
             await self.flush()
         except StreamClosedError:
             self.cancel.cancel()
-
-
-def routes(ctx: Any) -> list[tuple]:
-    args = {"ctx": ctx}
-    return [
-        (r"/ui", StatusPageHandler, args),
-        (r"/ui/login", LoginPageHandler, args),
-        (r"/ui/logout", LogoutHandler, args),
-        (r"/ui/nodes", AddNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)", EditNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)/drain", DrainNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)/delete", DeleteNodeHandler, args),
-        (r"/ui/strategy", StrategyHandler, args),
-        (r"/ui/pull", PullHandler, args),
-    ]

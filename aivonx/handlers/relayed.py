@@ -12,7 +12,8 @@ from .. import modelnames
 from ..relay import Exchange
 from ..router import NoHealthyNode, NoSuchModel
 from ..scheduler import QueueFull, QueueTimeout
-from .base import ApiError, BaseHandler
+from ..errors import ApiError
+from .base import BaseHandler
 
 # Seconds a client is told to wait when every node is busy or down.
 RETRY_AFTER = 2

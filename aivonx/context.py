@@ -1,0 +1,73 @@
+"""The objects every handler shares, wired together once.
+
+Wiring only: each job belongs to the service that owns it (nodes, listings,
+model operations, the relay); the context builds them, opens the store,
+starts the monitor and closes everything at shutdown.
+"""
+from __future__ import annotations
+
+import logging
+
+import peewee
+
+from . import store
+from .auth import Auth
+from .listings import Listings
+from .metrics import Metrics
+from .monitor import Monitor
+from .nodes import NodeService
+from .registry import Registry
+from .relay import Relay
+from .router import Router
+from .scheduler import Scheduler
+from .settings import Settings
+from .tasks import BackgroundTasks
+
+log = logging.getLogger("aivonx")
+
+
+class Context:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tasks = BackgroundTasks()
+        self.registry = Registry()
+        self.router = Router(self.registry)
+        self.scheduler = Scheduler(self.registry, self.router, max_queue=settings.max_queue,
+                                   max_wait=settings.max_wait)
+        self.metrics = Metrics()
+        self.relay = Relay(self.registry, self.router, self.scheduler, self.metrics,
+                           connect_timeout=settings.connect_timeout,
+                           idle_timeout=settings.idle_timeout,
+                           max_body_size=settings.max_body_size)
+        self.monitor = Monitor(self.registry, interval=settings.health_interval,
+                               timeout=settings.probe_timeout,
+                               on_status_changed=lambda node: self.scheduler.dispatch())
+        self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
+                                 self.tasks)
+        self.monitor.on_models_changed = self.nodes.models_changed
+        self.listings = Listings(self.registry, self.monitor.client, settings.probe_timeout,
+                                 on_models_changed=self.nodes.models_changed)
+        # A node answered 404 for a model it listed: look again right away.
+        self.relay.on_missing_model = self.nodes.probe_soon
+        self.auth = Auth(settings.root_password)
+        self.db: peewee.Database | None = None
+
+    def open_store(self) -> None:
+        self.db = store.open_database(self.settings.db)
+        generated = self.auth.ensure_root()
+        if generated:
+            log.warning("created user root with the generated password %s (shown only "
+                        "once; change it with `python run.py passwd root`)", generated)
+        self.nodes.load(self.settings.nodes)
+
+    async def start(self) -> None:
+        """Probe every node once before serving, then keep probing."""
+        await self.monitor.probe_all()
+        self.monitor.start()
+
+    def close(self) -> None:
+        self.tasks.cancel_all()
+        self.monitor.stop()
+        self.relay.close()
+        if self.db is not None:
+            self.db.close()
