@@ -84,6 +84,7 @@ class BlobUpload:
         headers = {"Content-Type": "application/octet-stream"}
         if content_length is not None:
             headers["Content-Length"] = content_length
+        self.done = False
         self.feeds = [_Feed(node, self.cancel.handle()) for node in nodes]
         for feed in self.feeds:
             feed.task = asyncio.ensure_future(self._send(feed, headers))
@@ -120,11 +121,15 @@ class BlobUpload:
         end = _END if actual == self.digest else _ABORT
         await asyncio.gather(*(feed.put(end) for feed in self.feeds))
         results = await asyncio.gather(*(feed.task for feed in self.feeds))
+        self.done = True
         return actual, {feed.node.id: result for feed, result in zip(self.feeds, results)}
 
     def abort(self, reason: str = "client disconnected") -> None:
-        """The client went away: close every upstream connection now."""
-        self.cancel.cancel(reason)
+        """The client went away: close every upstream connection now. Not once
+        the upload is done: its connections went back to the pool and may
+        serve other requests by then."""
+        if not self.done:
+            self.cancel.cancel(reason)
 
 
 def _error_text(response: HTTPResponse) -> str:

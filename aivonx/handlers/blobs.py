@@ -42,10 +42,6 @@ class BlobHandler(BaseHandler):
         if self.upload is not None:
             self.upload.abort()
 
-    def on_finish(self) -> None:
-        if self.upload is not None and not self.upload.cancel.cancelled:
-            self.upload.abort("request finished")
-
     async def head(self, digest: str) -> None:
         """Whether every routable node has a blob (Ollama API).
         ---
