@@ -9,8 +9,8 @@ from tornado.httpserver import HTTPServer
 
 from .context import Context
 from .intake import GuardedApplication
-from .handlers import (account, base, docs, forms, manage, metrics, modelops, ollama, openai,
-                       pages)
+from .handlers import (account, anthropic, base, blobs, docs, forms, manage, metrics, modelops,
+                       ollama, openai, pages)
 from .server import BoundedHTTPServer
 from .settings import Settings
 from .startup import StartupError, check_no_loop
@@ -55,6 +55,7 @@ def documented_routes(ctx: Context | None) -> list[tuple]:
         (r"/api/push", modelops.PushHandler, args),
         (r"/api/copy", modelops.CopyHandler, args),
         (r"/api/delete", modelops.DeleteHandler, args),
+        (r"/api/blobs/(?P<digest>[^/]+)", blobs.BlobHandler, args),
     ]
 
 
@@ -79,6 +80,9 @@ def routes(ctx: Context) -> list[tuple]:
         (r"/v1/embeddings", openai.OpenAIEmbeddingsHandler, args),
         (r"/v1/models", openai.ModelsHandler, args),
         (r"/v1/models/([^/]+)", openai.ModelHandler, args),
+        (r"/v1/responses", openai.ResponsesHandler, args),
+        # Ollama's Anthropic-compatible API
+        (r"/v1/messages", anthropic.MessagesHandler, args),
         *documented,
         # The API's documentation
         (r"/api/schema", docs.SchemaHandler, {**args, "cache": docs.SchemaCache(documented)}),

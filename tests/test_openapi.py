@@ -51,7 +51,8 @@ async def test_schema_is_valid_openapi_covering_every_endpoint(io_loop, make_pro
                                                                    "scheme": "bearer"}
     documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
     for pattern, handler, _ in documented_routes(None):
-        path = re.sub(r"\([^)]*\)", "{node_id}", pattern)
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+        path = re.sub(r"\([^)]*\)", "{node_id}", path)
         for method in ("get", "post", "put", "patch", "delete"):
             if method in handler.__dict__:
                 assert (path, method) in documented, (path, method)

@@ -68,7 +68,8 @@ class RequestIdMixin:
 
 
 class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
-    # "ollama": {"error": "..."}; "openai": {"error": {"message": ...}}
+    # "ollama": {"error": "..."}; "openai" and "responses": {"error": {"message": ...}};
+    # "anthropic": {"type": "error", "error": {"type": ..., "message": ...}}
     error_style = "ollama"
     # The largest body this handler reads (aivonx.intake refuses larger ones
     # from their head); None is the server-wide --max-body-size.
@@ -126,7 +127,8 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        if error.status >= 500 and self.error_style == "openai":
+        if error.status >= 500 and self.error_style != "ollama":
+            # The openai and anthropic SDKs resend 5xx answers by themselves.
             self.set_header("x-should-retry", "false")
         self.finish(error_body(self.error_style, error.message, error.status))
 

@@ -25,6 +25,15 @@ class OpenAIEmbeddingsHandler(OpenAIHandler):
     not_found = 'model "{}" not found, try pulling it first'
 
 
+class ResponsesHandler(OpenAIHandler):
+    """The Responses API, stateless as Ollama serves it; a broken stream ends
+    with the Responses `error` event."""
+
+    error_style = "responses"
+    fields = {"input": (str, list), "instructions": (str,), "tools": (list,),
+              "reasoning": (dict,), "text": (dict,)}
+
+
 class ModelsHandler(BaseHandler):
     error_style = "openai"
 

@@ -2,7 +2,8 @@
 
 fanout.py sends one request to each of several nodes and keeps each
 node's result; progress.py merges their progress lines into one Ollama
-stream; service.py holds the policy (which nodes, what the outcome is).
+stream; blobs.py streams one upload to every node at once; service.py
+holds the policy (which nodes, what the outcome is).
 """
 from .fanout import Cancel, FanOut, NodeResult
 from .progress import ProgressMerger
