@@ -6,6 +6,8 @@ registry is the only writer of a NodeState: everything else reads it.
 """
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -24,6 +26,12 @@ BUSY_COOLDOWN_MAX = 60.0
 # Slower than this (smoothed probe latency) or failing recently: degraded.
 DEGRADED_LATENCY = 1.0
 DEGRADED_ERROR_WINDOW = 60.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _printable(name: str) -> str:
+    """Computed once per name: every relayed response carries it."""
+    return "".join(c for c in name if 32 <= ord(c) < 127).strip()
 
 
 @dataclass
@@ -61,8 +69,7 @@ class NodeState:
     @property
     def header_name(self) -> str:
         """The name as a response header value may carry it (printable ASCII)."""
-        cleaned = "".join(c for c in self.name if 32 <= ord(c) < 127).strip()
-        return cleaned or str(self.id)
+        return _printable(self.name) or str(self.id)
 
     def resting(self, now: float | None = None) -> bool:
         """Open circuit or busy cooldown: healthy, but not taking requests."""

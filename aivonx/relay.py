@@ -29,7 +29,8 @@ from .resolver import Networks
 from .router import Router, Unroutable
 from .scheduler import Scheduler, Slot
 from .sink import HOP_BY_HOP, ClientSink, connection_tokens
-from .upstream import ConnectionHandle, UpstreamRequest, make_upstream_client
+from .leanclient import LeanClient, Outcome
+from .upstream import ConnectionHandle, make_upstream_client
 
 log = logging.getLogger("aivonx.relay")
 
@@ -111,7 +112,7 @@ class Attempt:
         """The node gave no complete answer (refused, reset, timed out, cut)."""
         return self.code is None or self.code == 599
 
-    def ended(self, response: HTTPResponse) -> None:
+    def ended(self, response: Outcome) -> None:
         self.code = response.code
         self.error = response.error.with_traceback(None) if response.error else None
 
@@ -246,7 +247,8 @@ class Exchange:
         await self.sink.broken(message)
 
 
-def describe_failure(outcome: HTTPResponse | Attempt, handle: ConnectionHandle) -> str:
+def describe_failure(outcome: HTTPResponse | Outcome | Attempt,
+                     handle: ConnectionHandle) -> str:
     if handle.closed_reason is not None:
         return handle.closed_reason
     if outcome.error is None:
@@ -254,7 +256,7 @@ def describe_failure(outcome: HTTPResponse | Attempt, handle: ConnectionHandle) 
     return str(outcome.error) or outcome.error.__class__.__name__
 
 
-def own_fault(outcome: HTTPResponse | Attempt) -> bool:
+def own_fault(outcome: HTTPResponse | Outcome | Attempt) -> bool:
     """The proxy itself ran out of file descriptors: not the node's fault."""
     error = outcome.error
     return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
@@ -280,7 +282,11 @@ class Relay:
         self.metrics = metrics
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        # Tornado's client for everything but relayed requests (model operations,
+        # blobs); relayed requests take the lean path on the same connection pool.
         self.client = make_upstream_client(max_body_size, node_ssl, allowed)
+        self.lean = LeanClient(self.client.pool, self.client.tcp_client,
+                               max_body_size=max_body_size, node_ssl=node_ssl)
         # Set by the app: re-probe a node whose model list proved stale.
         self.on_missing_model: Callable[[NodeState], None] | None = None
         self.attempts: dict[int, set[Attempt]] = {}  # in flight, by node id
@@ -310,27 +316,14 @@ class Relay:
         if self.on_missing_model is not None:
             self.on_missing_model(node)
 
-    async def _send(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
-        request = UpstreamRequest(
-            attempt.node.url + exchange.path, attempt.handle, attempt.on_head,
-            method=exchange.method,
-            headers=exchange.up_headers,
-            body=exchange.body,
-            connect_timeout=self.connect_timeout,
-            request_timeout=0,  # no total deadline: the idle watchdog instead
-            streaming_callback=attempt.on_chunk,
-            decompress_response=False,
-            follow_redirects=False,
-            allow_nonstandard_methods=True,
-        )
-        try:
-            return await self.client.fetch(request, raise_error=False)
-        except Exception as exc:  # refused, reset, DNS: no HTTP answer at all
-            # Without its traceback the error does not pin this frame (and
-            # the whole exchange) in memory.
-            return HTTPResponse(request, 599, error=exc.with_traceback(None))
+    async def _send(self, exchange: Exchange, attempt: Attempt) -> Outcome:
+        # No total deadline: the idle watchdog instead. No decompression, no
+        # redirects: the client gets the node's answer as it is.
+        return await self.lean.fetch(attempt.node.url, exchange.path, exchange.method,
+                                     exchange.up_headers, exchange.body, attempt.handle,
+                                     attempt.on_head, attempt.on_chunk, self.connect_timeout)
 
-    async def fetch(self, exchange: Exchange, attempt: Attempt) -> HTTPResponse:
+    async def fetch(self, exchange: Exchange, attempt: Attempt) -> Outcome:
         """One upstream exchange on the node the scheduler reserved."""
         node = attempt.node
         watchdog = IdleWatchdog(attempt, self.idle_timeout)

@@ -145,3 +145,47 @@ async def test_trailers_after_the_last_chunk_are_read_and_the_connection_kept(
     assert (await client.generate(model="llama3", prompt="x", stream=False)).response == \
         "answer 2"
     assert node.generate_connections[0] == node.generate_connections[1]
+
+
+GOOD_BODY = generation("answer 1")
+
+
+@pytest.mark.parametrize("head, why", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: +%d\r\n\r\n", "invalid Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d, 7\r\n\r\n", "conflicting Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n",
+     "both Transfer-Encoding and Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nX-Length: %d\r\n\r\n",
+     "unsupported Transfer-Encoding"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Folded: a\r\n b\r\n\r\n",
+     "invalid header line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nno colon here\r\n\r\n", "invalid header line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Bad\x01: a\r\n\r\n", "invalid header line"),
+    (b"HTTP/1.1 2000 OK\r\nContent-Length: %d\r\n\r\n", "start line"),
+])
+async def test_a_mis_framed_head_fails_the_request_and_closes_its_connection(
+        io_loop, make_raw_node, make_proxy, head, why):
+    """The relay's client reads heads strictly (aivonx.leanclient): an answer whose
+    framing is ambiguous is never relayed, and its connection is never reused."""
+    node = await make_raw_node(answers([head % len(GOOD_BODY) + GOOD_BODY]))
+    proxy = await make_proxy([node], health_interval=3600)
+    client = ollama.AsyncClient(host=proxy.url)
+    with pytest.raises(ollama.ResponseError, match=why) as raised:
+        await client.generate(model="llama3", prompt="x", stream=False)
+    assert raised.value.status_code == 503
+    await wait_for(lambda: node.open == 0)
+    assert not proxy.ctx.relay.client.pool.idle.get(("http", "127.0.0.1", node.port))
+
+
+async def test_informational_answers_before_the_head_are_skipped(
+        io_loop, make_raw_node, make_proxy):
+    node = await make_raw_node(answers([
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+        + response(generation("answer 1"))]))
+    proxy = await make_proxy([node], health_interval=3600)
+    client = ollama.AsyncClient(host=proxy.url)
+    assert (await client.generate(model="llama3", prompt="x", stream=False)).response == \
+        "answer 1"
+    assert (await client.generate(model="llama3", prompt="x", stream=False)).response == \
+        "answer 2"
+    assert node.generate_connections[0] == node.generate_connections[1]
