@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Sequence
 
+from .allocator import reexec_with_system_malloc
 from . import logs
 from .app import bound_port, serve
 from .reload import reload_settings
@@ -65,6 +66,8 @@ def run_loop(main_coroutine) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] != ["passwd"]:
+        reexec_with_system_malloc()  # the real command line only, not a test's call
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["passwd"]:
         from .passwd import main as passwd

@@ -15,6 +15,7 @@ from .auth import Auth
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .listings import Listings
+from .memtrim import MemoryTrimmer
 from .metrics import Metrics
 from .modelops import FanOut, ModelOps
 from .monitor import Monitor
@@ -60,6 +61,8 @@ class Context:
         self.modelops = ModelOps(self.registry, self.monitor, fanout, self.tasks)
         # A node answered 404 for a model it listed: look again right away.
         self.relay.on_missing_model = self.nodes.probe_soon
+        self.trimmer = MemoryTrimmer(lambda: self.relay.in_flight,
+                                     lambda: self.relay.peak_in_flight, self.relay.reset_peak)
         self.auth = Auth(settings.root_password)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.db: peewee.Database | None = None
@@ -94,9 +97,11 @@ class Context:
         """Probe every node once before serving, then keep probing."""
         await self.monitor.probe_all()
         self.monitor.start()
+        self.trimmer.start()
 
     def close(self) -> None:
         self.tasks.cancel_all()
+        self.trimmer.stop()
         self.monitor.stop()
         self.relay.close()
         if self.db is not None:

@@ -290,6 +290,8 @@ class Relay:
         # Set by the app: re-probe a node whose model list proved stale.
         self.on_missing_model: Callable[[NodeState], None] | None = None
         self.attempts: dict[int, set[Attempt]] = {}  # in flight, by node id
+        self.in_flight = 0        # upstream exchanges under way
+        self.peak_in_flight = 0   # their most since the memory trimmer last looked
 
     def node_failed(self, node: NodeState, reason: str) -> None:
         """A request could not reach the node: take it out of the pool now,
@@ -329,6 +331,9 @@ class Relay:
         watchdog = IdleWatchdog(attempt, self.idle_timeout)
         in_flight = self.attempts.setdefault(node.id, set())
         in_flight.add(attempt)
+        self.in_flight += 1
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
         try:
             response = await self._send(exchange, attempt)
             if (response.code == 599 and attempt.handle.reused and attempt.status is None
@@ -340,6 +345,7 @@ class Relay:
             return response
         finally:
             watchdog.stop()
+            self.in_flight -= 1
             in_flight.discard(attempt)
             if not in_flight:
                 self.attempts.pop(node.id, None)
@@ -349,6 +355,9 @@ class Relay:
                     attempt.first_chunk_at - attempt.started)
                 self.metrics.request_done(node.name, exchange.model, attempt.status or 599,
                                           now - attempt.started, ttft)
+
+    def reset_peak(self) -> None:
+        self.peak_in_flight = self.in_flight
 
     def close(self) -> None:
         self.client.close()
