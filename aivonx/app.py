@@ -6,6 +6,7 @@ import sys
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from .context import Context
 from .intake import GuardedApplication
@@ -146,7 +147,10 @@ async def serve(settings: Settings) -> tuple[Context, HTTPServer]:
         raise
     await ctx.start()
     server = make_server(ctx)
-    server.listen(settings.port, address=settings.host)
+    if settings.workers > 1:  # the other workers listen on the same port
+        server.add_sockets(bind_sockets(settings.port, settings.host, reuse_port=True))
+    else:
+        server.listen(settings.port, address=settings.host)
     return ctx, server
 
 

@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from .allocator import reexec_with_system_malloc
-from . import logs
+from . import logs, workers
 from .app import bound_port, serve
 from .reload import reload_settings
 from .server import raise_fd_limit
@@ -29,8 +29,10 @@ async def _serve_forever(settings, argv: Sequence[str]) -> None:
     if hasattr(signal, "SIGHUP"):
         loop.add_signal_handler(signal.SIGHUP, reload_settings, settings, argv)
     # Only now: whoever waits for this line may send SIGTERM at once.
-    log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
-             bound_port(server), len(ctx.registry.nodes))
+    log.info("Aivonx listening on http://%s:%d with %d node(s)%s", settings.host,
+             bound_port(server), len(ctx.registry.nodes),
+             f" (worker {settings.worker_index + 1} of {settings.workers})"
+             if settings.workers > 1 else "")
     await stop.wait()
     await shutdown(ctx, server, settings.shutdown_grace)
 
@@ -75,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     logs.configure(settings.log_level, settings.log_format)
     raise_fd_limit()
+    role = workers.take_role()
+    if role is not None:
+        settings.workers, settings.worker_index = role.count, role.index
+        settings.port, settings.worker_lock_fd = role.port, role.lock_fd
+    elif settings.workers > 1:
+        return workers.supervise(settings)
     try:
         run_loop(_serve_forever(settings, argv))
     except (OSError, StoreError, StartupError) as exc:

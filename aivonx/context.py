@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import peewee
+from tornado.ioloop import PeriodicCallback
 
 from . import store
 from .auth import Auth
@@ -27,6 +28,7 @@ from .scheduler import Scheduler
 from .settings import Settings
 from .tasks import BackgroundTasks
 from .upstream import node_ssl_context
+from .workers import REFRESH_INTERVAL, inherited_lock, slot_share
 
 log = logging.getLogger("aivonx")
 
@@ -51,7 +53,9 @@ class Context:
                                allowed=settings.node_networks,
                                on_status_changed=self._status_changed)
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
-                                 self.tasks, close_idle=self.relay.client.close_idle)
+                                 self.tasks, close_idle=self.relay.client.close_idle,
+                                 share=lambda slots: slot_share(slots, settings.worker_index,
+                                                                settings.workers))
         self.monitor.on_models_changed = self.nodes.models_changed
         self.listings = Listings(self.registry, self.router, self.monitor.client,
                                  settings.probe_timeout,
@@ -67,6 +71,7 @@ class Context:
         self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.db: peewee.Database | None = None
         self.db_lock: DatabaseLock | None = None
+        self._refresher: PeriodicCallback | None = None
 
     def _status_changed(self, node: NodeState) -> None:
         if not node.healthy:
@@ -76,7 +81,10 @@ class Context:
     def open_store(self) -> None:
         """StoreError (one line saying why) when the database is in use by
         another process or cannot be opened."""
-        self.db_lock = DatabaseLock(self.settings.db)
+        if self.settings.worker_lock_fd is not None:  # a worker: its supervisor holds it
+            self.db_lock = inherited_lock(self.settings.db, self.settings.worker_lock_fd)
+        else:
+            self.db_lock = DatabaseLock(self.settings.db)
         try:
             self.db = store.open_database(self.settings.db)
         except store.StoreError:
@@ -98,10 +106,16 @@ class Context:
         await self.monitor.probe_all()
         self.monitor.start()
         self.trimmer.start()
+        if self.settings.workers > 1:
+            # Admin changes made through the other workers reach this one.
+            self._refresher = PeriodicCallback(self.nodes.refresh, REFRESH_INTERVAL * 1000)
+            self._refresher.start()
 
     def close(self) -> None:
         self.tasks.cancel_all()
         self.trimmer.stop()
+        if self._refresher is not None:
+            self._refresher.stop()
         self.monitor.stop()
         self.relay.close()
         if self.db is not None:

@@ -164,7 +164,8 @@ class NodeService:
     after every call."""
 
     def __init__(self, registry: Registry, router: Router, scheduler: Any, monitor: Any,
-                 tasks: BackgroundTasks, close_idle: Callable[[str], None]) -> None:
+                 tasks: BackgroundTasks, close_idle: Callable[[str], None],
+                 share: Callable[[int], int] = lambda slots: slots) -> None:
         self.registry = registry
         self.router = router
         self.scheduler = scheduler
@@ -172,6 +173,9 @@ class NodeService:
         self.tasks = tasks
         # Closes the kept-alive upstream connections to a node's URL.
         self.close_idle = close_idle
+        # This process's part of a node's slots (aivonx.workers); all of them
+        # with one worker.
+        self.share = share
         self.persist = False  # set once the store is open
 
     # -- start-up --------------------------------------------------------------
@@ -194,10 +198,41 @@ class NodeService:
     def sync(self, node: store.Node) -> NodeState:
         """Bring the registry in line with a stored node (after any change)."""
         state = self.registry.upsert(node.id, node.name, node.address, node.port,
-                                     node.active, node.models, slots=node.slots,
-                                     weight=node.weight)
+                                     node.active, node.models,
+                                     slots=self.share(node.slots), weight=node.weight)
         self.scheduler.dispatch()  # more capacity may wake waiting requests
         return state
+
+    def refresh(self) -> None:
+        """Apply what other processes on the same store changed (the workers
+        of one Aivonx): nodes added, changed or deleted, and the strategy. A
+        read of two small tables; the registry changes only where they differ."""
+        rows = {node.id: node for node in store.Node.select()}
+        for node_id, state in list(self.registry.nodes.items()):
+            if node_id not in rows:
+                self.registry.remove(node_id)
+                self.close_idle(state.url)
+                log.info("node %s was deleted by another worker", state.name)
+        for node in rows.values():
+            state = self.registry.nodes.get(node.id)
+            if state is None:
+                self.probe_soon(self.sync(node))
+                continue
+            moved = (state.address, state.port) != (node.address, node.port)
+            enabled = node.active and not state.enabled
+            drained = state.enabled and not node.active
+            if not (moved or enabled or drained or state.name != node.name
+                    or state.slots != self.share(node.slots) or state.weight != node.weight):
+                continue
+            old_url = state.url
+            self.sync(node)
+            if moved or enabled:
+                self.probe_soon(state)
+            if moved or drained:
+                self.close_idle(old_url)
+        strategy = store.get_config("strategy", DEFAULT_STRATEGY)
+        if strategy in STRATEGIES and strategy != self.router.strategy:
+            self.router.strategy = strategy
 
     def models_changed(self, state: NodeState) -> None:
         """A node's model list changed (probe or listing): keep it, so routing

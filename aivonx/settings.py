@@ -69,6 +69,13 @@ class Settings:
     node_networks: Networks = ()
     # A file of AIVONX_*=value lines, read at start and again on SIGHUP.
     env_file: str | None = None
+    # Processes serving the port (SO_REUSEPORT, aivonx.workers); each takes
+    # an equal share of every node's slots.
+    workers: int = 1
+    # Which of them this process is (0-based), and the descriptor of the
+    # supervisor's database lock it inherited; set for workers only.
+    worker_index: int = 0
+    worker_lock_fd: int | None = None
     # Served when the store has no node and none is given (the command line
     # sets it from OLLAMA_HOST; None in code that builds Settings itself).
     local_node: str | None = None
@@ -152,6 +159,9 @@ _SIMPLE_FLAGS = [
      "seconds a client may pause while sending a request body"),
     ("--max-connections", "AIVONX_MAX_CONNECTIONS", _positive_int,
      "client connections open at once"),
+    ("--workers", "AIVONX_WORKERS", _positive_int,
+     "processes serving the port (SO_REUSEPORT), each with an equal share of every "
+     "node's slots"),
 ]
 
 

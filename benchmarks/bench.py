@@ -318,6 +318,8 @@ def prepare_aivonx(children: Children, workdir: Path, node_ports: list[int],
             raise RuntimeError(f"{name} holds {listed['count']} nodes, not {len(node_ports)}")
         for node in listed["results"]:
             call("PATCH", f"/api/proxy/nodes/{node['id']}", {"slots": slots}, token)
+        if "--workers" in args:
+            time.sleep(3)  # the other workers read the change from the store every 2 s
         configured = True
         return proc
 
