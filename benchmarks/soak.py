@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """A bounded soak: minutes of mixed traffic through Aivonx while its nodes are killed, hung,
-slowed and flapped; every request's outcome is classified and the proxy's memory followed.
+slowed and flapped and hostile clients (benchmarks/hostile.py: slow bodies, login bursts,
+48 MB bodies) run alongside; every request's outcome is classified and the proxy's memory
+followed.
 
     python benchmarks/soak.py                    # 10 minutes
     python benchmarks/soak.py --minutes 0.5      # a quick run
@@ -15,8 +17,9 @@ unless the proxy shows another node serving, so that every request could have be
 served by some node: the target is zero lost requests.
 
 The Markdown summary goes to stdout, progress to stderr. The exit status is 0 only if
-nothing was lost, the proxy's memory stayed flat, and in-flight requests and the wait
-queue were back at 0 once the traffic stopped. See benchmarks/README.md.
+nothing was lost, the proxy's memory stayed flat, every hostile client got the expected
+answer, and in-flight requests and the wait queue were back at 0 once the traffic stopped.
+See benchmarks/README.md.
 """
 from __future__ import annotations
 
