@@ -25,7 +25,7 @@ from .router import Router
 from .scheduler import Scheduler
 from .settings import Settings
 from .tasks import BackgroundTasks
-from .upstream import node_ssl_context
+from .relay.upstream import node_ssl_context
 
 log = logging.getLogger("aivonx")
 

@@ -11,8 +11,7 @@ from typing import Any
 from .. import bodyscan, modelnames
 from ..bodyscan import Large
 from ..modelops import Cancel, is_unload
-from ..relay import Exchange
-from ..sink import ClientSink
+from ..relay import ClientSink, Exchange
 from ..router import NoHealthyNode, NoSuchModel
 from ..scheduler import QueueFull, QueueTimeout
 from ..errors import ApiError
