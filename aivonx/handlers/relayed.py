@@ -63,6 +63,8 @@ class ModelRelayHandler(BaseHandler):
 
     # The field that, empty with keep_alive 0, makes the request an unload.
     unload_field: str | None = None
+    # Whether the admins' keep_alive policy (aivonx.keepalive) applies here.
+    keeps_models_loaded = False
 
     exchange: Exchange | None = None
     unloading: Cancel | None = None
@@ -120,15 +122,17 @@ class ModelRelayHandler(BaseHandler):
         key = self.model_key(name)
         if self.client_gone:
             return
+        ctx = self.ctx
+        relayed = self.request.body
+        if self.keeps_models_loaded:
+            relayed = ctx.keep_alive.apply(key, body, relayed) or relayed
         if self.unload_field is not None and is_unload(body, self.unload_field):
             if await self.unload(name, key, body):
                 return
-        ctx = self.ctx
         self.log_model = ctx.registry.model_label(key)  # for the access log
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
-                                 self.request.body, model=self.log_model,
-                                 received_at=received_at)
+                                 relayed, model=self.log_model, received_at=received_at)
         try:
             await self.exchange.run(key)
         except NoSuchModel:
