@@ -10,7 +10,7 @@ import sys
 from openapi_spec_validator import validate
 
 from aivonx.app import documented_routes
-from tests.api_client import call, login
+from tests.helpers import call, login
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ_SECONDS = 35
