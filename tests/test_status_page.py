@@ -11,7 +11,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
 from aivonx.display import ago, latency_text, overall, spark_points, wait_text
 from aivonx.store import Node
-from tests.test_capacity import configure
+from tests.helpers import configure
 from tests.helpers import fetch_stream, wait_for
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
