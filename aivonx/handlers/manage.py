@@ -157,7 +157,8 @@ class ActiveRequestsHandler(ManageHandler):
 
 class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
-        return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES)}
+        return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
+                "cache_load_factor": self.ctx.router.load_factor}
 
     @admin_required
     def get(self) -> None:
@@ -174,10 +175,12 @@ class ConfigHandler(ManageHandler):
 
     async def _update(self, partial: bool) -> None:
         body = await self.json_body()
+        if "strategy" not in body and not partial:
+            raise nodes.ValidationError({"strategy": "this field is required"})
+        if "cache_load_factor" in body:
+            self.ctx.nodes.set_load_factor(body["cache_load_factor"])
         if "strategy" in body:
             self.ctx.nodes.set_strategy(body["strategy"])
-        elif not partial:
-            raise nodes.ValidationError({"strategy": "this field is required"})
         self.write_json(self.config())
 
     @admin_required

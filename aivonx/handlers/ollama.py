@@ -61,12 +61,14 @@ class ShowHandler(ModelRelayHandler):
 
 
 class GenerateHandler(ModelRelayHandler):
+    prompted = True
     unload_field = "prompt"
     fields = {"prompt": (str,), "suffix": (str,), "system": (str,), "template": (str,),
               "images": (list,), "raw": (bool,), "context": (list,)}
 
 
 class ChatHandler(ModelRelayHandler):
+    prompted = True
     unload_field = "messages"
     fields = {"messages": (list,), "tools": (list,)}
 
