@@ -115,11 +115,11 @@ def cache_aware(nodes: list[NodeState], key: str, router: "Router",
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "cache_aware": cache_aware,
     "least_active": least_active,
     "lowest_latency": lowest_latency,
     "round_robin": round_robin,
     "warm_first": warm_first,
+    "cache_aware": cache_aware,
 }
 DEFAULT_STRATEGY = "least_active"
 
