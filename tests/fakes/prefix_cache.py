@@ -1,9 +1,10 @@
 """A fake node's prompt cache, modelled on Ollama's: per model, `slots` KV
 caches, each holding the last prompt processed in it.
 
-A request takes the free slot whose cached prompt shares the longest prefix
-with its own (the least recently used one when none shares anything) and
-prefills only the rest: its time to first chunk is
+A request reuses the longest prefix its prompt shares with a free slot's
+cached prompt; it extends that slot when its prompt continues it, else it
+takes the least recently used slot, so that another conversation's cache
+survives; it prefills only the rest: its time to first chunk is
 `base + per_token x (prompt tokens not shared)`, tokens being whitespace
 words (a role counts as one). The counters say how much was reused, so a
 benchmark can compare routing strategies by the work the nodes did.
@@ -87,7 +88,10 @@ class PrefixCache:
         if free:
             scored = [(len(os.path.commonprefix([s.tokens, tokens])), s) for s in free]
             shared, slot = max(scored, key=lambda t: t[0])
-            if shared == 0:
+            if shared < len(slot.tokens):
+                # Not an extension of that slot's prompt: its prefix is copied to the
+                # least recently used slot, and the other prompt stays cached (as
+                # Ollama does with OLLAMA_MULTIUSER_CACHE).
                 slot = min(free, key=lambda s: s.used)
             slot.busy, slot.used, slot.tokens = True, next(self._clock), tokens
         self.requests += 1
