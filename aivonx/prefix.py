@@ -17,7 +17,7 @@ is unloaded there or the node restarts: its cache is gone with them.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -145,6 +145,11 @@ class PrefixMemory:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[int, Entry] = OrderedDict()
         self.owned: dict[int, set[int]] = {}  # node id -> the block hashes it holds
+        # Per node and model, the prompts it served last (as many as it has
+        # slots: Ollama keeps one cached prompt a slot), and how many of
+        # them hold each block.
+        self.recent: dict[tuple[int, str], deque[tuple[int, ...]]] = {}
+        self.held: dict[tuple[int, str], Counter[int]] = {}
         self.bytes = 0
         self.evicted = 0
 
@@ -177,10 +182,25 @@ class PrefixMemory:
             return None
         return max(entry.nodes.items(), key=lambda item: item[1])[0]
 
-    def record(self, node_id: int, model: str, hint: RoutingHint) -> None:
-        """The node serves this prompt now: it holds its blocks from now on."""
+    def record(self, node_id: int, model: str, hint: RoutingHint, capacity: int = 4) -> None:
+        """The node serves this prompt now: it holds its blocks from now on,
+        and no longer those of its prompts older than its last `capacity`
+        (its slots), which Ollama has evicted by then."""
         now = time.monotonic()
         keys = hint.blocks if hint.session is None else (*hint.blocks, hint.session)
+        slot = (node_id, model)
+        recent = self.recent.setdefault(slot, deque())
+        held = self.held.setdefault(slot, Counter())
+        recent.append(hint.blocks)
+        held.update(hint.blocks)
+        while len(recent) > max(1, capacity):
+            for key in recent.popleft():
+                held[key] -= 1
+                if held[key] <= 0:
+                    del held[key]
+                    entry = self.entries.get(key)
+                    if entry is not None and node_id in entry.nodes and key not in hint.blocks:
+                        self._drop(key, entry, node_id)
         owned = self.owned.setdefault(node_id, set())
         entries = self.entries
         for key in keys:
@@ -215,6 +235,9 @@ class PrefixMemory:
                 dropped += 1
         if not keys:
             self.owned.pop(node_id, None)
+        for slot in [s for s in self.recent if s[0] == node_id
+                     and (wanted is None or s[1] in wanted)]:
+            del self.recent[slot], self.held[slot]
         return dropped
 
     def _drop(self, key: int, entry: Entry, node_id: int) -> None:

@@ -190,7 +190,7 @@ class Router:
                 route = "session"
             elif hint.blocks and node.id in self.prefixes.matches(hint):
                 route = "prefix"
-            self.prefixes.record(node.id, key, hint)
+            self.prefixes.record(node.id, key, hint, node.slots)
         if route == "least_active" and key in node.loaded_keys():
             route = "warm"
         self.routes[route] = self.routes.get(route, 0) + 1

@@ -168,3 +168,16 @@ def test_without_history_warm_nodes_come_first():
     registry.set_loaded(registry.nodes[2], [])
     node, why = route(router, hint(chat("another " * 400)))
     assert why == "least_active"
+
+
+def test_a_node_holds_only_as_many_prompts_as_it_has_slots():
+    memory = PrefixMemory()
+    shared = (1, 2)
+    prompts = [RoutingHint(blocks=shared + (10 * i,)) for i in range(1, 4)]
+    for prompt in prompts:
+        memory.record(1, "m", prompt, capacity=2)
+    assert memory.matches(prompts[0]) == {1: (2, memory.entries[2].nodes[1])}  # shared only
+    assert memory.matches(prompts[2])[1][0] == 3
+    memory.record(1, "m", RoutingHint(blocks=(7,)), capacity=2)
+    memory.record(1, "m", RoutingHint(blocks=(8,)), capacity=2)
+    assert memory.matches(prompts[2]) == {}  # evicted from both of its slots
