@@ -14,6 +14,7 @@ from . import store
 from .auth import Auth
 from .dblock import DatabaseLock
 from .intake import BodyBudget
+from .keepalive import KeepAlivePolicy
 from .listings import Listings
 from .metrics import Metrics
 from .modelops import FanOut, ModelOps
@@ -25,7 +26,7 @@ from .router import Router
 from .scheduler import Scheduler
 from .settings import Settings
 from .tasks import BackgroundTasks
-from .upstream import node_ssl_context
+from .relay.upstream import node_ssl_context
 
 log = logging.getLogger("aivonx")
 
@@ -62,6 +63,7 @@ class Context:
         self.relay.on_missing_model = self.nodes.probe_soon
         self.auth = Auth(settings.root_password)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
+        self.keep_alive = KeepAlivePolicy()
         self.db: peewee.Database | None = None
         self.db_lock: DatabaseLock | None = None
 
@@ -83,12 +85,8 @@ class Context:
         if generated:
             log.warning("created user root with the generated password %s (shown only "
                         "once; change it with `python run.py passwd root`)", generated)
-        urls = self.settings.nodes
-        if not urls and self.settings.local_node and not store.Node.select().exists():
-            urls = [self.settings.local_node]
-            log.info("no node configured: serving the local Ollama at %s (OLLAMA_HOST or "
-                     "its default); add nodes with --node or the API", urls[0])
-        self.nodes.load(urls)
+        self.nodes.load(self.settings.nodes, fallback=self.settings.local_node)
+        self.keep_alive.load(store.get_config("keep_alive"))
 
     async def start(self) -> None:
         """Probe every node once before serving, then keep probing."""

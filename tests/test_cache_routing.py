@@ -7,7 +7,7 @@ import asyncio
 
 import openai
 
-from tests.api_client import call, login
+from tests.helpers import call, login
 from tests.fakes.prefix_cache import PrefixCache
 
 
