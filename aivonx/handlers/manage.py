@@ -159,6 +159,7 @@ class ActiveRequestsHandler(ManageHandler):
 class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
         return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
+                "cache_load_factor": self.ctx.router.load_factor,
                 "keep_alive": self.ctx.keep_alive.as_dict()}
 
     @admin_required
@@ -178,6 +179,8 @@ class ConfigHandler(ManageHandler):
         body = await self.json_body()
         if "strategy" not in body and not partial:
             raise nodes.ValidationError({"strategy": "this field is required"})
+        if "cache_load_factor" in body:
+            self.ctx.nodes.set_load_factor(body["cache_load_factor"])
         if "keep_alive" in body:
             policy = self.ctx.keep_alive
             try:
