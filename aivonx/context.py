@@ -15,6 +15,7 @@ from . import store
 from .auth import Auth
 from .dblock import DatabaseLock
 from .intake import BodyBudget
+from .keepalive import KeepAlivePolicy
 from .listings import Listings
 from .memtrim import MemoryTrimmer
 from .metrics import Metrics
@@ -27,7 +28,7 @@ from .router import Router
 from .scheduler import Scheduler
 from .settings import Settings
 from .tasks import BackgroundTasks
-from .upstream import node_ssl_context
+from .relay.upstream import node_ssl_context
 from .workers import REFRESH_INTERVAL, inherited_lock, slot_share
 
 log = logging.getLogger("aivonx")
@@ -69,6 +70,7 @@ class Context:
                                      lambda: self.relay.peak_in_flight, self.relay.reset_peak)
         self.auth = Auth(settings.root_password)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
+        self.keep_alive = KeepAlivePolicy()
         self.db: peewee.Database | None = None
         self.db_lock: DatabaseLock | None = None
         self._refresher: PeriodicCallback | None = None
@@ -94,12 +96,8 @@ class Context:
         if generated:
             log.warning("created user root with the generated password %s (shown only "
                         "once; change it with `python run.py passwd root`)", generated)
-        urls = self.settings.nodes
-        if not urls and self.settings.local_node and not store.Node.select().exists():
-            urls = [self.settings.local_node]
-            log.info("no node configured: serving the local Ollama at %s (OLLAMA_HOST or "
-                     "its default); add nodes with --node or the API", urls[0])
-        self.nodes.load(urls)
+        self.nodes.load(self.settings.nodes, fallback=self.settings.local_node)
+        self.keep_alive.load(store.get_config("keep_alive"))
 
     async def start(self) -> None:
         """Probe every node once before serving, then keep probing."""

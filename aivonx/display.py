@@ -106,6 +106,12 @@ def capacity(state: dict[str, Any]) -> int:
     return sum(n["slots"] for n in state["nodes"] if n["status"] == "active")
 
 
+def hit_rate_text(affinity: dict[str, Any] | None) -> str:
+    """cache_aware's hit rate, e.g. "92% cache hits"; empty before any decision."""
+    rate = (affinity or {}).get("hit_rate")
+    return "" if rate is None else f"{rate * 100:.0f}% cache hits"
+
+
 def node_display(node: dict[str, Any], now: float | None = None) -> dict[str, str]:
     """A node's strings as the page shows them, from its state view."""
     weight = node["weight"]
@@ -131,4 +137,12 @@ def cluster_display(state: dict[str, Any]) -> dict[str, str]:
         "queue_oldest": wait_text(queue["oldest_wait"]),
         "queue_average": wait_text(queue["average_wait"]),
         "queue_max_wait": wait_text(queue["max_wait"]),
+        "cache_hit_rate": hit_rate_text(state.get("cache_affinity")),
     }
+
+
+def keep_alive_text(policy: dict[str, Any]) -> str:
+    """The keep_alive policy in a line, e.g. "30m; nomic-embed-text -1 (enforced)"."""
+    parts = ["as clients ask" if policy["default"] is None else str(policy["default"])]
+    parts += [f"{name} {value}" for name, value in sorted(policy["models"].items())]
+    return "; ".join(parts) + (" (enforced)" if policy["enforce"] else "")

@@ -9,8 +9,9 @@ import json
 import time
 import tracemalloc
 
-from aivonx.relay import Attempt, ConnectionHandle, Exchange
-from tests.test_relay import GEN, fetch_stream
+from aivonx.relay import Attempt, Exchange
+from aivonx.relay.upstream import ConnectionHandle
+from tests.helpers import GEN, fetch_stream
 
 MAX_QUEUE = 12
 

@@ -6,9 +6,9 @@ import ollama
 import pytest
 from tornado import httputil
 
-from aivonx.upstream import MAX_CHUNK_DIGITS, check_trailer_line, parse_chunk_size
+from aivonx.relay.upstream import MAX_CHUNK_DIGITS, check_trailer_line, parse_chunk_size
 from tests.fakes.raw_node import RawNode, chunk, chunked_head, generation, response
-from tests.test_relay import wait_for
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ GOOD_BODY = generation("answer 1")
 ])
 async def test_a_mis_framed_head_fails_the_request_and_closes_its_connection(
         io_loop, make_raw_node, make_proxy, head, why):
-    """The relay's client reads heads strictly (aivonx.leanclient): an answer whose
+    """The relay's client reads heads strictly (aivonx.relay.leanclient): an answer whose
     framing is ambiguous is never relayed, and its connection is never reused."""
     node = await make_raw_node(answers([head % len(GOOD_BODY) + GOOD_BODY]))
     proxy = await make_proxy([node], health_interval=3600)

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 
 from .. import nodes, store
 from ..auth import admin_required
+from ..keepalive import PolicyError
 from ..router import STRATEGIES
 from ..status import cluster_state, node_view
 from ..errors import ApiError
@@ -157,7 +158,9 @@ class ActiveRequestsHandler(ManageHandler):
 
 class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
-        return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES)}
+        return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
+                "cache_load_factor": self.ctx.router.load_factor,
+                "keep_alive": self.ctx.keep_alive.as_dict()}
 
     @admin_required
     def get(self) -> None:
@@ -174,10 +177,19 @@ class ConfigHandler(ManageHandler):
 
     async def _update(self, partial: bool) -> None:
         body = await self.json_body()
+        if "strategy" not in body and not partial:
+            raise nodes.ValidationError({"strategy": "this field is required"})
+        if "cache_load_factor" in body:
+            self.ctx.nodes.set_load_factor(body["cache_load_factor"])
+        if "keep_alive" in body:
+            policy = self.ctx.keep_alive
+            try:
+                policy.update(body["keep_alive"])
+            except PolicyError as exc:
+                raise nodes.ValidationError(exc.errors) from None
+            store.set_config("keep_alive", policy.as_dict())
         if "strategy" in body:
             self.ctx.nodes.set_strategy(body["strategy"])
-        elif not partial:
-            raise nodes.ValidationError({"strategy": "this field is required"})
         self.write_json(self.config())
 
     @admin_required

@@ -8,11 +8,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .. import bodyscan, modelnames
+from .. import bodyscan, modelnames, prefix
 from ..bodyscan import Large
 from ..modelops import Cancel, is_unload
-from ..relay import Exchange
-from ..sink import ClientSink
+from ..relay import ClientSink, Exchange
 from ..router import NoHealthyNode, NoSuchModel
 from ..scheduler import QueueFull, QueueTimeout
 from ..errors import ApiError
@@ -64,6 +63,10 @@ class ModelRelayHandler(BaseHandler):
 
     # The field that, empty with keep_alive 0, makes the request an unload.
     unload_field: str | None = None
+    # Generations reuse a node's cached prompt prefix (cache_aware routing).
+    prompted = False
+    # Whether the admins' keep_alive policy (aivonx.keepalive) applies here.
+    keeps_models_loaded = False
 
     exchange: Exchange | None = None
     unloading: Cancel | None = None
@@ -121,15 +124,20 @@ class ModelRelayHandler(BaseHandler):
         key = self.model_key(name)
         if self.client_gone:
             return
+        ctx = self.ctx
+        relayed = self.request.body
+        if self.keeps_models_loaded:
+            relayed = ctx.keep_alive.apply(key, body, relayed) or relayed
         if self.unload_field is not None and is_unload(body, self.unload_field):
             if await self.unload(name, key, body):
                 return
-        ctx = self.ctx
         self.log_model = ctx.registry.model_label(key)  # for the access log
+        hint = (prefix.routing_hint(key, body, self.request.headers, self.request.body)
+                if self.prompted and ctx.router.strategy == "cache_aware" else None)
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
-                                 self.request.body, model=self.log_model,
-                                 received_at=received_at)
+                                 relayed, model=self.log_model, received_at=received_at,
+                                 hint=hint)
         try:
             await self.exchange.run(key)
         except NoSuchModel:

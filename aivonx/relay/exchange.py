@@ -6,7 +6,7 @@ ends a broken stream with an explicit error, and closes the upstream
 connection the moment the client goes away (that is what stops the GPU).
 
 AsyncHTTPClient has no public cancel, and closing it only takes effect at
-the next chunk; the client in aivonx.upstream records each request's TCP
+the next chunk; the client in aivonx.relay.upstream records each request's TCP
 stream in a per-request handle, so a cancel closes the socket at once, even
 while the node is silent during a model load.
 """
@@ -23,11 +23,12 @@ from tornado import httputil
 from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
-from .metrics import Metrics
-from .registry import NodeState, Registry
+from ..metrics import Metrics
+from ..prefix import RoutingHint
+from ..registry import NodeState, Registry
 from .resolver import Networks
-from .router import Router, Unroutable
-from .scheduler import Scheduler, Slot
+from ..router import Router, Unroutable
+from ..scheduler import Scheduler, Slot
 from .sink import HOP_BY_HOP, ClientSink, connection_tokens
 from .leanclient import LeanClient, Outcome
 from .upstream import ConnectionHandle, make_upstream_client
@@ -76,6 +77,7 @@ class Attempt:
         self.headers = httputil.HTTPHeaders()
         self.forwarding = False   # True once the head went to the client
         self.error_buffer = bytearray()
+        self.route = ""
         self.started = time.monotonic()
         self.first_chunk_at: float | None = None
         self.last_activity = self.started
@@ -128,7 +130,8 @@ class Exchange:
 
     def __init__(self, relay: "Relay", sink: ClientSink, method: str, path: str,
                  headers: httputil.HTTPHeaders, body: bytes | None,
-                 model: str = "", received_at: float | None = None) -> None:
+                 model: str = "", received_at: float | None = None,
+                 hint: RoutingHint | None = None) -> None:
         self.relay = relay
         self.sink = sink
         self.method = method
@@ -136,6 +139,7 @@ class Exchange:
         self.up_headers = upstream_headers(headers)
         self.body = body
         self.model = model
+        self.hint = hint
         self.received_at = time.monotonic() if received_at is None else received_at
         self.queued = 0.0
         self.cancelled = False
@@ -163,7 +167,8 @@ class Exchange:
         try:
             while not self.cancelled:
                 try:
-                    async with self.relay.scheduler.slot(key, tried, self.gone) as slot:
+                    async with self.relay.scheduler.slot(key, tried, self.gone,
+                                                         self.hint) as slot:
                         if slot is None:
                             break
                         attempt = await self._attempt(slot, key, tried)
@@ -200,6 +205,7 @@ class Exchange:
         if slot.waited > 0.0005:
             self.relay.metrics.queue_wait.observe((), slot.waited)
         attempt = Attempt(self, node, self._more_candidates(key, tried))
+        attempt.route = slot.route
         self.attempt = attempt
         attempt.ended(await self.relay.fetch(self, attempt))
         slot.ok = not attempt.failed or self.cancelled
@@ -232,6 +238,7 @@ class Exchange:
                     + time.monotonic() - attempt.last_activity)
         self.sink.head(attempt.status or 502, attempt.reason, attempt.headers,
                        attempt.node.header_name, overhead)
+        self.sink.route(attempt.route)
         self.relay.metrics.overhead.observe((), max(overhead, 0.0))
 
     async def _finish_stream(self, attempt: Attempt) -> None:

@@ -6,7 +6,7 @@ HTTP1Connection with its futures: under load that machinery cost more CPU
 than the two socket sends a relayed request needs. The relay's exchanges
 are all alike (one node, a body already in memory, the answer streamed on
 as it comes), so this client does just that on the same kept-alive
-connections (aivonx.upstream's pool, resolver and TLS settings), with
+connections (aivonx.relay.upstream's pool, resolver and TLS settings), with
 strict HTTP/1.1 framing:
 
 - the head must end in CRLF CRLF within MAX_HEADER_SIZE; a status line
@@ -14,7 +14,7 @@ strict HTTP/1.1 framing:
   exchange;
 - Content-Length must be digits only (repeated values must agree) and may
   not come with Transfer-Encoding; the only transfer coding taken is
-  `chunked`, parsed by aivonx.upstream.parse_chunk_size;
+  `chunked`, parsed by aivonx.relay.upstream.parse_chunk_size;
 - a framing error closes the connection (its remaining bytes can never be
   read as the next answer) and fails the request with what was wrong;
 - a connection is kept for the next request only when the answer ended

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tornado.web
 from tornado import httputil
 
-from .errors import error_body, stream_error_chunk
+from ..errors import error_body, stream_error_chunk
 
 # Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -62,6 +62,11 @@ class ClientSink:
         handler.set_header("X-Aivonx-Node", node_name)
         handler.set_header("X-Aivonx-Overhead-Ms", f"{max(overhead, 0.0) * 1000:.3f}")
         self.content_type = headers.get("Content-Type", "")
+
+    def route(self, why: str) -> None:
+        """Why the router chose the node that answers (X-Aivonx-Route)."""
+        if why:
+            self.handler.set_header("X-Aivonx-Route", why)
 
     async def chunk(self, data: bytes) -> None:
         self.handler.write(data)
