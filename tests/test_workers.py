@@ -12,8 +12,7 @@ from tornado.httpclient import AsyncHTTPClient
 from aivonx import store
 from aivonx.store import StoreError
 from aivonx.workers import inherited_lock, slot_share
-from tests.processes import run_to_end, start_aivonx
-from tests.test_relay import wait_for
+from tests.helpers import run_to_end, start_aivonx, wait_for
 
 
 @pytest.mark.parametrize("slots, count", [(4, 1), (4, 2), (5, 2), (7, 3), (1024, 2), (1, 2)])
