@@ -14,6 +14,7 @@ from . import store
 from .auth import Auth
 from .dblock import DatabaseLock
 from .intake import BodyBudget
+from .keys import KeyService
 from .listings import Listings
 from .metrics import Metrics
 from .monitor import Monitor
@@ -54,6 +55,7 @@ class Context:
         # A node answered 404 for a model it listed: look again right away.
         self.relay.on_missing_model = self.nodes.probe_soon
         self.auth = Auth(settings.root_password)
+        self.keys = KeyService(self.metrics)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.db: peewee.Database | None = None
         self.db_lock: DatabaseLock | None = None
@@ -77,17 +79,20 @@ class Context:
             log.warning("created user root with the generated password %s (shown only "
                         "once; change it with `python run.py passwd root`)", generated)
         self.nodes.load(self.settings.nodes)
+        self.keys.load()
 
     async def start(self) -> None:
         """Probe every node once before serving, then keep probing."""
         await self.monitor.probe_all()
         self.monitor.start()
+        self.keys.start()
 
     def close(self) -> None:
         self.tasks.cancel_all()
         self.monitor.stop()
         self.relay.close()
         if self.db is not None:
+            self.keys.close()  # the last usage batch
             self.db.close()
         if self.db_lock is not None:
             self.db_lock.release()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import tornado.web
@@ -12,6 +13,8 @@ from .. import store
 from ..context import Context
 from ..errors import ApiError, error_body
 from ..intake import release_body
+from ..keys import Key
+from ..keys.keyring import KEY_PREFIX
 
 log = logging.getLogger("aivonx.http")
 
@@ -73,10 +76,42 @@ class BaseHandler(tornado.web.RequestHandler):
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         return (token.strip() or None) if scheme.lower() == "bearer" else None
 
+    def client_key(self) -> str | None:
+        """The key an inference client sends: as a bearer token (ollama and
+        OpenAI clients) or as `x-api-key` (Anthropic clients)."""
+        return self.bearer_token() or (self.request.headers.get("x-api-key", "").strip()
+                                       or None)
+
+    def inference_key(self) -> Key:
+        """The key of an inference request (401 under inference_auth "keys"
+        without a valid one; the anonymous key under "open")."""
+        return self.ctx.keys.identify(self.client_key())
+
+    admin_key: Key | None = None
+
     def get_current_user(self) -> Any:
-        """The user of a valid `Authorization: Bearer` access token, else None.
-        Only handlers that ask for it look: inference endpoints ignore tokens."""
-        return self.ctx.auth.user_for(self.bearer_token())
+        """The user of a valid `Authorization: Bearer` access token, or the
+        creator of a valid admin key, else None. Only handlers that ask for
+        it look: inference endpoints ignore tokens."""
+        token = self.bearer_token()
+        if token is not None and token.startswith(KEY_PREFIX):
+            key = self.ctx.keys.keyring.check(token)
+            if key is None or key.kind != "admin":
+                return None
+            self.ctx.keys.keyring.touch(key, time.time())
+            self.admin_key = key
+            user = store.User.get_or_none(store.User.id == key.user_id) \
+                if key.user_id is not None else None
+            return user if user is not None else KeyUser(key)
+        return self.ctx.auth.user_for(token)
+
+    def actor(self) -> str:
+        """Who is asking, for the audit log."""
+        user = self.current_user
+        name = getattr(user, "username", None) or "anonymous"
+        if self.admin_key is not None:
+            return f"{name} (key '{self.admin_key.name}')"
+        return name
 
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -145,6 +180,22 @@ class BaseHandler(tornado.web.RequestHandler):
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
         return data
+
+
+class KeyUser:
+    """Whom an admin key acts for when the user who created it is gone."""
+
+    def __init__(self, key: Key) -> None:
+        self.id = None
+        self.username = f"key:{key.name}"
+
+
+class InferenceListing(BaseHandler):
+    """Listings of what may be inferred with (tags, ps, /v1/models): they
+    need a key as inference does under inference_auth "keys"."""
+
+    def prepare(self) -> None:
+        self.inference_key()
 
 
 class NotFoundHandler(BaseHandler):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import catalog, modelnames
 from ..errors import ApiError
-from .base import BaseHandler
+from .base import InferenceListing
 from .relayed import ModelRelayHandler
 
 
@@ -25,14 +25,14 @@ class OpenAIEmbeddingsHandler(OpenAIHandler):
     not_found = 'model "{}" not found, try pulling it first'
 
 
-class ModelsHandler(BaseHandler):
+class ModelsHandler(InferenceListing):
     error_style = "openai"
 
     async def get(self) -> None:
         self.write_json(catalog.openai_model_list(await self.ctx.listings.tags()))
 
 
-class ModelHandler(BaseHandler):
+class ModelHandler(InferenceListing):
     error_style = "openai"
 
     async def get(self, model: str) -> None:

@@ -15,6 +15,7 @@ from ..sink import ClientSink
 from ..router import NoHealthyNode, NoSuchModel
 from ..scheduler import QueueFull, QueueTimeout
 from ..errors import ApiError
+from ..keys import UNKNOWN_MODEL, Meter
 from .base import INLINE_JSON_LIMIT, BaseHandler
 
 # Seconds a client is told to wait when every node is busy or down.
@@ -60,6 +61,9 @@ class ModelRelayHandler(BaseHandler):
     fields: dict[str, tuple[type, ...]] = {}
     # Ollama's own not-found wording differs between endpoints.
     not_found = "model '{}' not found"
+    # Where the answer carries its token counts (aivonx.keys.meter.READERS);
+    # None: as the error dialect says.
+    usage_style: str | None = None
 
     exchange: Exchange | None = None
     client_gone = False
@@ -107,6 +111,7 @@ class ModelRelayHandler(BaseHandler):
 
     async def post(self) -> None:
         received_at = time.monotonic()
+        client = self.inference_key()
         body = await self.relay_body()
         check_types(body, {**COMMON_FIELDS, **self.fields})
         name = self.model_name(body)
@@ -114,13 +119,18 @@ class ModelRelayHandler(BaseHandler):
         if self.client_gone:
             return
         ctx = self.ctx
+        ctx.keys.admit(client, key, name)
+        label = ctx.registry.model_label(key)
+        meter = Meter(self.usage_style or self.error_style,
+                      prompt_estimate=len(self.request.body) // 4)
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
-                                 self.request.body, model=ctx.registry.model_label(key),
-                                 received_at=received_at)
+                                 self.request.body, model=label, received_at=received_at,
+                                 owner=client.id, priority=client.priority, observer=meter)
         try:
             await self.exchange.run(key)
         except NoSuchModel:
+            label = UNKNOWN_MODEL  # never a usage row named by whatever a client sent
             raise ApiError(404, self.not_found.format(name[:200])) from None
         except NoHealthyNode:
             ctx.metrics.rejected[("no_healthy_node",)] += 1
@@ -132,5 +142,6 @@ class ModelRelayHandler(BaseHandler):
                            {"Retry-After": str(RETRY_AFTER)}) from None
         finally:
             self.exchange = None  # the exchange points back at this handler
+            ctx.keys.finish(client, label, meter)
         if not self.client_gone and not self.request.connection.stream.closed():
             self.finish()
