@@ -9,7 +9,8 @@ from tornado.httpserver import HTTPServer
 
 from .context import Context
 from .intake import GuardedApplication
-from .handlers import account, base, docs, manage, metrics, modelops, ollama, openai, pages
+from .handlers import (account, base, docs, keys, manage, metrics, modelops, ollama, openai,
+                       pages)
 from .settings import Settings
 
 
@@ -38,6 +39,11 @@ def documented_routes(ctx: Context | None) -> list[tuple]:
         (r"/api/proxy/config", manage.ConfigHandler, args),
         (r"/api/proxy/nodes", manage.NodesHandler, args),
         (r"/api/proxy/nodes/([0-9]+)", manage.NodeHandler, args),
+        # Keys, their usage and the audit log (admin token)
+        (r"/api/proxy/keys", keys.KeysHandler, args),
+        (r"/api/proxy/keys/([0-9]+)", keys.KeyHandler, args),
+        (r"/api/proxy/usage", keys.UsageHandler, args),
+        (r"/api/proxy/audit", keys.AuditHandler, args),
         # Accounts: access and refresh tokens
         (r"/api/account/login", account.LoginHandler, args),
         (r"/api/account/refresh", account.RefreshHandler, args),

@@ -56,6 +56,9 @@ class Context:
         self.relay.on_missing_model = self.nodes.probe_soon
         self.auth = Auth(settings.root_password)
         self.keys = KeyService(self.metrics)
+        self.keys.host = settings.host
+        self.auth.on_failed_login = lambda username, address, status: self.keys.audit.record(
+            username, address, "login failed", status)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.db: peewee.Database | None = None
         self.db_lock: DatabaseLock | None = None
@@ -80,6 +83,7 @@ class Context:
                         "once; change it with `python run.py passwd root`)", generated)
         self.nodes.load(self.settings.nodes)
         self.keys.load()
+        self.keys.warn_if_exposed()
 
     async def start(self) -> None:
         """Probe every node once before serving, then keep probing."""

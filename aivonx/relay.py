@@ -32,11 +32,12 @@ from .upstream import ConnectionHandle, UpstreamRequest, make_upstream_client
 
 log = logging.getLogger("aivonx.relay")
 
-# The client's credentials are for the proxy, not the nodes; the Host sent
+# The client's credentials (a bearer token or key, Anthropic clients'
+# x-api-key, cookies) are for the proxy, not the nodes; the Host sent
 # upstream must be the node's own (a loopback-bound Ollama answers 403 to
 # foreign hosts); the body length and encoding are the relay's business.
-NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length",
-                                 "accept-encoding", "expect"}
+NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "authorization", "x-api-key", "cookie",
+                                 "content-length", "accept-encoding", "expect"}
 
 # Upstream answers that mean "try another node" when nothing has reached
 # the client yet: the node lacks the model after all, is overloaded, or

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from typing import Any
+from urllib.parse import parse_qsl
 
 import tornado.web
 
@@ -63,7 +64,12 @@ class BaseHandler(tornado.web.RequestHandler):
     def compute_etag(self) -> None:
         return None
 
+    # Changes through this handler go to the audit log (aivonx.keys.audit).
+    audited = False
+
     def on_finish(self) -> None:
+        if self.audited and self.request.method in CHANGES:
+            self._audit()
         # A RequestHandler sits in a reference cycle (its ui namespace points
         # back at it): without this its request body would stay in memory
         # until Python's next full garbage collection.
@@ -104,6 +110,17 @@ class BaseHandler(tornado.web.RequestHandler):
                 if key.user_id is not None else None
             return user if user is not None else KeyUser(key)
         return self.ctx.auth.user_for(token)
+
+    def _audit(self) -> None:
+        try:
+            user = self.current_user
+        except Exception:  # the store failing must not fail the answer
+            return
+        if user is None:
+            return  # refused before anything could change: not an admin's act
+        self.ctx.keys.audit.record(self.actor(), self.request.remote_ip or "",
+                                   f"{self.request.method} {self.request.path}",
+                                   self.get_status(), audit_detail(self.request.body))
 
     def actor(self) -> str:
         """Who is asking, for the audit log."""
@@ -180,6 +197,27 @@ class BaseHandler(tornado.web.RequestHandler):
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
         return data
+
+
+CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SECRET_FIELDS = ("password", "key", "token", "refresh", "access", "secret", "_xsrf")
+
+
+def audit_detail(body: bytes) -> str:
+    """What a change asked for, in short: the body's small fields, never a
+    secret."""
+    if not body or len(body) > 16 * 1024:
+        return ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = dict(parse_qsl(body.decode("utf-8", "replace")))
+    if not isinstance(data, dict):
+        return ""
+    shown = {k: v for k, v in data.items() if isinstance(k, str)
+             and not any(s in k.lower() for s in SECRET_FIELDS)
+             and (v is None or isinstance(v, (str, int, float, bool, list)))}
+    return json.dumps(shown, separators=(",", ":"), default=str)[:500]
 
 
 class KeyUser:

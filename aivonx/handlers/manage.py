@@ -22,7 +22,9 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
 class ManageHandler(BaseHandler):
     """JSON in, JSON out; errors `{"error": ...}`, validation errors with
-    the message of each field under `fields`."""
+    the message of each field under `fields`. Changes are audited."""
+
+    audited = True
 
     def prepare(self) -> None:
         if len(self.request.body or b"") > MAX_BODY:
@@ -129,11 +131,12 @@ class ActiveRequestsHandler(ManageHandler):
 
 class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
-        return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES)}
+        return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
+                "inference_auth": self.ctx.keys.mode}
 
     @admin_required
     def get(self) -> None:
-        """The routing configuration.
+        """The routing configuration and who may infer.
         ---
         tags: [config]
         summary: Routing configuration
@@ -146,10 +149,14 @@ class ConfigHandler(ManageHandler):
 
     async def _update(self, partial: bool) -> None:
         body = await self.json_body()
+        if "strategy" not in body and not partial:
+            raise nodes.ValidationError({"strategy": "this field is required"})
+        if "inference_auth" in body:
+            self.ctx.keys.check_mode(body["inference_auth"])
         if "strategy" in body:
             self.ctx.nodes.set_strategy(body["strategy"])
-        elif not partial:
-            raise nodes.ValidationError({"strategy": "this field is required"})
+        if "inference_auth" in body:
+            self.ctx.keys.set_mode(body["inference_auth"])
         self.write_json(self.config())
 
     @admin_required

@@ -10,6 +10,7 @@ per request: the batch is written by `flush`, a few times a second.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import time
 from typing import Any
@@ -29,6 +30,15 @@ from .usage import UsageBook
 
 log = logging.getLogger("aivonx.keys")
 
+
+def is_loopback_host(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # "" (every address) or a name
+
 MODES = ("open", "keys")
 FLUSH_INTERVAL = 0.5  # seconds: at most two writes a second
 UNKNOWN_MODEL = "(unknown)"
@@ -44,6 +54,7 @@ class KeyService:
         self.audit = AuditLog()
         self.metrics = metrics if metrics is not None else Metrics()
         self.mode = "open"
+        self.host = "127.0.0.1"  # where the server listens, for warn_if_exposed
         self._timer: PeriodicCallback | None = None
 
     # -- life cycle ---------------------------------------------------------------
@@ -94,12 +105,31 @@ class KeyService:
                 key.used_since_flush = True
 
     # -- settings -------------------------------------------------------------------
-    def set_mode(self, value: Any) -> None:
-        if value not in MODES:
+    @staticmethod
+    def check_mode(value: Any) -> None:
+        if not isinstance(value, str) or value not in MODES:
             raise ValidationError({"inference_auth": f"must be one of: {', '.join(MODES)}"})
+
+    def set_mode(self, value: Any) -> None:
+        self.check_mode(value)
         store.set_config("inference_auth", value)
         self.mode = value
         log.info("inference access is now %s", "by key only" if value == "keys" else "open")
+        self.warn_if_exposed()
+
+    def warn_if_exposed(self) -> bool:
+        """Say plainly when anyone who reaches the port may use every node."""
+        if self.mode == "open" and self.exposed:
+            log.warning("inference_auth is \"open\" and Aivonx listens on %s, not only on "
+                        "loopback: anyone who reaches this port may use every node. Set "
+                        "inference_auth to \"keys\" in /api/proxy/config to require keys.",
+                        self.host)
+            return True
+        return False
+
+    @property
+    def exposed(self) -> bool:
+        return not is_loopback_host(self.host)
 
     # -- per request ------------------------------------------------------------------
     def identify(self, token: str | None) -> Key:
