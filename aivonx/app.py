@@ -9,16 +9,21 @@ from tornado.httpserver import HTTPServer
 
 from .context import Context
 from .intake import GuardedApplication
-from .handlers import (account, base, docs, keys, manage, metrics, modelops, ollama, openai,
-                       pages)
+from .handlers import (account, anthropic, base, blobs, docs, forms, keys, manage, metrics,
+                       modelops, ollama, openai, pages)
+from .server import BoundedHTTPServer
 from .settings import Settings
+from .startup import StartupError, check_no_loop
 
 
 def _asset_root() -> str:
-    """Where templates/ and static/ are: beside the package in a checkout,
-    under <prefix>/share/aivonx after `pip install .`."""
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for root in (checkout, os.path.join(sys.prefix, "share", "aivonx")):
+    """Where templates/ and static/ are: inside the package in the one-file
+    build (scripts/build_zipapp.py), beside it in a checkout, under
+    <prefix>/share/aivonx after `pip install .`."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(package)
+    for root in (os.path.join(package, "assets"), checkout,
+                 os.path.join(sys.prefix, "share", "aivonx")):
         if os.path.isdir(os.path.join(root, "templates")):
             return root
     return checkout
@@ -55,6 +60,7 @@ def documented_routes(ctx: Context | None) -> list[tuple]:
         (r"/api/push", modelops.PushHandler, args),
         (r"/api/copy", modelops.CopyHandler, args),
         (r"/api/delete", modelops.DeleteHandler, args),
+        (r"/api/blobs/(?P<digest>[^/]+)", blobs.BlobHandler, args),
     ]
 
 
@@ -79,6 +85,9 @@ def routes(ctx: Context) -> list[tuple]:
         (r"/v1/embeddings", openai.OpenAIEmbeddingsHandler, args),
         (r"/v1/models", openai.ModelsHandler, args),
         (r"/v1/models/([^/]+)", openai.ModelHandler, args),
+        (r"/v1/responses", openai.ResponsesHandler, args),
+        # Ollama's Anthropic-compatible API
+        (r"/v1/messages", anthropic.MessagesHandler, args),
         *documented,
         # The API's documentation
         (r"/api/schema", docs.SchemaHandler, {**args, "cache": docs.SchemaCache(documented)}),
@@ -89,13 +98,13 @@ def routes(ctx: Context) -> list[tuple]:
         # The status page and its forms
         (r"/ui", pages.StatusPageHandler, args),
         (r"/ui/login", pages.LoginPageHandler, args),
-        (r"/ui/logout", pages.LogoutFormHandler, args),
-        (r"/ui/nodes", pages.AddNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)", pages.EditNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)/drain", pages.DrainNodeHandler, args),
-        (r"/ui/nodes/([0-9]+)/delete", pages.DeleteNodeHandler, args),
-        (r"/ui/strategy", pages.StrategyHandler, args),
-        (r"/ui/pull", pages.PullFormHandler, args),
+        (r"/ui/logout", forms.LogoutFormHandler, args),
+        (r"/ui/nodes", forms.AddNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)", forms.EditNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)/drain", forms.DrainNodeHandler, args),
+        (r"/ui/nodes/([0-9]+)/delete", forms.DeleteNodeHandler, args),
+        (r"/ui/strategy", forms.StrategyHandler, args),
+        (r"/ui/pull", forms.PullFormHandler, args),
     ]
 
 
@@ -112,8 +121,9 @@ def make_app(ctx: Context) -> tornado.web.Application:
         log_function=base.log_request,
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
+        static_handler_class=pages.StaticAssetHandler,
         # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The
-        # status page's forms check the token themselves (handlers/pages.py).
+        # status page's forms check the token themselves (handlers/forms.py).
         xsrf_cookie_kwargs=pages.XSRF_COOKIE_KWARGS,
     )
 
@@ -122,16 +132,23 @@ def make_server(ctx: Context) -> HTTPServer:
     """The HTTP server with the limits hostile clients meet: head size and
     time, body size."""
     settings = ctx.settings
-    return HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
-                      max_buffer_size=settings.max_body_size,
-                      max_header_size=settings.max_header_size,
-                      idle_connection_timeout=settings.header_timeout)
+    return BoundedHTTPServer(make_app(ctx), max_connections=settings.max_connections,
+                             max_body_size=settings.max_body_size,
+                             max_buffer_size=settings.max_body_size,
+                             max_header_size=settings.max_header_size,
+                             idle_connection_timeout=settings.header_timeout)
 
 
 async def serve(settings: Settings) -> tuple[Context, HTTPServer]:
     """Open the store, probe the nodes, listen. Returns what to close."""
     ctx = Context(settings)
     ctx.open_store()
+    try:
+        check_no_loop(settings.host, settings.port,
+                      ((n.name, n.address, n.port) for n in ctx.registry.nodes.values()))
+    except StartupError:
+        ctx.close()
+        raise
     await ctx.start()
     server = make_server(ctx)
     server.listen(settings.port, address=settings.host)

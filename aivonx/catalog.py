@@ -89,9 +89,6 @@ def openai_model_list(tags: list[dict[str, Any]]) -> dict[str, Any]:
     return {"object": "list", "data": data or None}
 
 
-def find_model(tags: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    key = modelnames.canonical(name)
-    for entry in tags:
-        if _key(entry) == key:
-            return entry
-    return None
+def index_tags(tags: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Merged entries by canonical name, to find one without a scan."""
+    return {key: entry for entry in tags for key in [_key(entry)] if key is not None}

@@ -8,19 +8,25 @@ import signal
 import sys
 from typing import Sequence
 
+from . import logs
 from .app import bound_port, serve
+from .reload import reload_settings
+from .server import raise_fd_limit
 from .store import StoreError
 from .settings import parse_settings
+from .startup import StartupError
 
 log = logging.getLogger("aivonx")
 
 
-async def _serve_forever(settings) -> None:
+async def _serve_forever(settings, argv: Sequence[str]) -> None:
     ctx, server = await serve(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, reload_settings, settings, argv)
     # Only now: whoever waits for this line may send SIGTERM at once.
     log.info("Aivonx listening on http://%s:%d with %d node(s)", settings.host,
              bound_port(server), len(ctx.registry.nodes))
@@ -64,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .passwd import main as passwd
         return passwd(argv[1:])
     settings = parse_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
+    raise_fd_limit()
     try:
-        run_loop(_serve_forever(settings))
-    except (OSError, StoreError) as exc:
+        run_loop(_serve_forever(settings, argv))
+    except (OSError, StoreError, StartupError) as exc:
         print(f"aivonx: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -17,6 +17,7 @@ from .intake import BodyBudget
 from .keys import KeyService
 from .listings import Listings
 from .metrics import Metrics
+from .modelops import FanOut, ModelOps
 from .monitor import Monitor
 from .nodes import NodeService
 from .registry import NodeState, Registry
@@ -43,15 +44,21 @@ class Context:
         self.relay = Relay(self.registry, self.router, self.scheduler, self.metrics,
                            connect_timeout=settings.connect_timeout,
                            idle_timeout=settings.idle_timeout,
-                           max_body_size=settings.max_body_size, node_ssl=node_ssl)
+                           max_body_size=settings.max_body_size, node_ssl=node_ssl,
+                           allowed=settings.node_networks)
         self.monitor = Monitor(self.registry, interval=settings.health_interval,
                                timeout=settings.probe_timeout, node_ssl=node_ssl,
+                               allowed=settings.node_networks,
                                on_status_changed=self._status_changed)
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
                                  self.tasks, close_idle=self.relay.client.close_idle)
         self.monitor.on_models_changed = self.nodes.models_changed
-        self.listings = Listings(self.registry, self.monitor.client, settings.probe_timeout,
+        self.listings = Listings(self.registry, self.router, self.monitor.client,
+                                 settings.probe_timeout,
                                  on_models_changed=self.nodes.models_changed)
+        fanout = FanOut(self.relay.client, connect_timeout=settings.connect_timeout,
+                        idle_timeout=settings.idle_timeout)
+        self.modelops = ModelOps(self.registry, self.monitor, fanout, self.tasks)
         # A node answered 404 for a model it listed: look again right away.
         self.relay.on_missing_model = self.nodes.probe_soon
         self.auth = Auth(settings.root_password)
@@ -81,7 +88,12 @@ class Context:
         if generated:
             log.warning("created user root with the generated password %s (shown only "
                         "once; change it with `python run.py passwd root`)", generated)
-        self.nodes.load(self.settings.nodes)
+        urls = self.settings.nodes
+        if not urls and self.settings.local_node and not store.Node.select().exists():
+            urls = [self.settings.local_node]
+            log.info("no node configured: serving the local Ollama at %s (OLLAMA_HOST or "
+                     "its default); add nodes with --node or the API", urls[0])
+        self.nodes.load(urls)
         self.keys.load()
         self.keys.warn_if_exposed()
 

@@ -197,7 +197,7 @@ class GuardedApplication(tornado.web.Application):
     """A tornado Application whose requests pass through GuardedDelegate.
 
     A handler class says what it takes: `max_body` (None: the server-wide
-    limit), `holds_body` (False for handlers that stream the body onwards
+    --max-body-size; a streaming handler may take more), `holds_body` (False for handlers that stream the body onwards
     instead of keeping it, which the budget does not count), and
     `error_style` for the dialect of the refusal."""
 
@@ -215,7 +215,7 @@ class GuardedApplication(tornado.web.Application):
         limit = getattr(handler_class, "max_body", None)
         return GuardedDelegate(
             inner, request,
-            max_body=self.max_body if limit is None else min(limit, self.max_body),
+            max_body=self.max_body if limit is None else limit,
             budget=self.budget if getattr(handler_class, "holds_body", True) else None,
             body_timeout=self.body_timeout,
             style=getattr(handler_class, "error_style", "ollama"))

@@ -128,21 +128,6 @@ def canonical(name: str) -> str:
     return _canonical(name)
 
 
-def display(name: str) -> str:
-    """Ollama's DisplayShortest form of a name (e.g. 'llama3:latest',
-    'user/m:tag', 'host:5000/ns/m:tag').
-
-    Default host and namespace are omitted (compared case-insensitively), the
-    tag is always shown and the casing of the input is kept, as in /api/tags.
-    """
-    n = _parse(name)
-    if n.host.lower() != DEFAULT_HOST:
-        return f"{n.host}/{n.namespace}/{n.model}:{n.tag}"
-    if n.namespace.lower() != DEFAULT_NAMESPACE:
-        return f"{n.namespace}/{n.model}:{n.tag}"
-    return f"{n.model}:{n.tag}"
-
-
 def namespace(name: str) -> str:
     """The namespace part (e.g. 'library'), used as OpenAI's owned_by.
 

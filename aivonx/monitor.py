@@ -8,6 +8,7 @@ probe, so it is routable at once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import ssl
@@ -18,7 +19,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.ioloop import PeriodicCallback
 
 from .registry import NodeState, Registry
-from .resolver import CachingResolver
+from .resolver import CachingResolver, Networks
 
 log = logging.getLogger("aivonx.monitor")
 
@@ -36,11 +37,12 @@ class ProbeError(Exception):
     pass
 
 
-def make_probe_client(node_ssl: ssl.SSLContext | None = None) -> AsyncHTTPClient:
+def make_probe_client(node_ssl: ssl.SSLContext | None = None,
+                      allowed: Networks = ()) -> AsyncHTTPClient:
     """Probes have their own client so they never queue behind generations;
     `node_ssl` verifies HTTPS nodes as the relay does."""
     return AsyncHTTPClient(force_instance=True, max_clients=1000,
-                           max_body_size=MAX_PROBE_BODY, resolver=CachingResolver(),
+                           max_body_size=MAX_PROBE_BODY, resolver=CachingResolver(allowed),
                            defaults={"ssl_options": node_ssl} if node_ssl else None)
 
 
@@ -64,11 +66,11 @@ class Monitor:
     def __init__(self, registry: Registry, *, interval: float, timeout: float,
                  on_models_changed: Callable[[NodeState], None] | None = None,
                  on_status_changed: Callable[[NodeState], None] | None = None,
-                 node_ssl: ssl.SSLContext | None = None) -> None:
+                 node_ssl: ssl.SSLContext | None = None, allowed: Networks = ()) -> None:
         self.registry = registry
         self.interval = interval
         self.timeout = timeout
-        self.client = make_probe_client(node_ssl)
+        self.client = make_probe_client(node_ssl, allowed)
         self.on_models_changed = on_models_changed
         self.on_status_changed = on_status_changed
         self._periodic: PeriodicCallback | None = None
@@ -127,6 +129,10 @@ class Monitor:
             self._get(node, "/api/version"), return_exceptions=True)
         if (node.address, node.port) != address or node.id not in self.registry.nodes:
             return  # edited or removed while probing: this result is stale
+        if any(_out_of_descriptors(r) for r in results):
+            # The proxy's own shortage says nothing about the node.
+            log.debug("probe of node %s skipped: out of file descriptors", node.name)
+            return
         latency, tags, ps, version = results
         try:
             if isinstance(latency, BaseException):
@@ -167,6 +173,10 @@ def parse_version_body(body: bytes) -> str | None:
         return None
     version = data.get("version") if isinstance(data, dict) else None
     return version[:64] if isinstance(version, str) else None
+
+
+def _out_of_descriptors(result: object) -> bool:
+    return isinstance(result, OSError) and result.errno in (errno.EMFILE, errno.ENFILE)
 
 
 def _reason(exc: BaseException) -> str:

@@ -34,10 +34,12 @@ MAX_WEIGHT = 100.0   # relative capacity; weights above this say nothing more
 class ValidationError(Exception):
     """What was wrong, field by field; status 400, or 409 for a duplicate."""
 
-    def __init__(self, errors: dict[str, str], status: int = 400) -> None:
+    def __init__(self, errors: dict[str, str], status: int = 400,
+                 message: str | None = None) -> None:
         super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
         self.errors = errors
         self.status = status
+        self.message = message  # the answer's `error`; None: the usual words
 
 
 def node_dict(node: store.Node) -> dict[str, Any]:

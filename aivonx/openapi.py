@@ -110,7 +110,29 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "errors": {"type": "integer"},
         "queue": {"$ref": "#/components/schemas/Queue"},
         "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/NodeState"},
-                  "description": "Every node's details (health, history, counters)"}}},
+                  "description": "Every node's details (health, history, counters)"},
+        "display": {"$ref": "#/components/schemas/StateDisplay"}}},
+    "StateDisplay": {"type": "object", "description": (
+        "The cluster as the status page words it: strings to show as they are"), "properties": {
+        "summary": {"type": "string", "example": "1 of 2 nodes down"},
+        "tone": {"type": "string", "enum": ["ok", "warn", "bad"]},
+        "serving": {"type": "string", "description": "Nodes serving", "example": "1"},
+        "capacity": {"type": "string", "description": "Slots of the serving nodes"},
+        "queue_oldest": {"type": "string", "example": "350 ms"},
+        "queue_average": {"type": "string", "example": "4.2 s"},
+        "queue_max_wait": {"type": "string", "example": "2m 00s"}}},
+    "NodeDisplay": {"type": "object", "description": (
+        "The node as the status page words it: strings to show as they are"), "properties": {
+        "since": {"type": "string", "description": "Time since the last status change",
+                  "example": "3m 07s"},
+        "pool": {"type": "string", "description": "Whether a degraded node still serves",
+                 "example": "last resort only"},
+        "latency": {"type": "string", "example": "12 ms"},
+        "spark": {"type": "string", "description": "SVG polyline points of the latency "
+                                                   "history in a 120x28 box"},
+        "weight": {"type": "string", "example": "2.5"},
+        "weight_label": {"type": "string", "description": "Empty for weight 1",
+                         "example": "weight 2.5"}}},
     "Queue": {"type": "object", "description": "Requests waiting for a free slot", "properties": {
         "depth": {"type": "integer", "description": "Requests waiting now"},
         "limit": {"type": "integer", "description": "Most that may wait (--max-queue)"},
@@ -142,7 +164,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "slots": {"type": "integer"}, "weight": {"type": "number"},
         "requests_served": {"type": "integer"}, "errors": {"type": "integer"},
         "models": {"type": "array", "items": {"type": "string"}},
-        "loaded": {"type": "array", "items": {"type": "string"}}}},
+        "loaded": {"type": "array", "items": {"type": "string"}},
+        "display": {"$ref": "#/components/schemas/NodeDisplay"}}},
     "ActiveNode": {"type": "object", "properties": {
         "id": {"type": "integer"}, "name": {"type": "string"}, "address": {"type": "string"},
         "port": {"type": "integer"}, "url": {"type": "string"},

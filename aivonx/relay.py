@@ -25,6 +25,7 @@ from tornado.ioloop import IOLoop
 
 from .metrics import Metrics
 from .registry import NodeState, Registry
+from .resolver import Networks
 from .router import Router, Unroutable
 from .scheduler import Scheduler, Slot
 from .sink import HOP_BY_HOP, ClientSink, connection_tokens
@@ -32,10 +33,10 @@ from .upstream import ConnectionHandle, UpstreamRequest, make_upstream_client
 
 log = logging.getLogger("aivonx.relay")
 
-# The client's credentials (a bearer token or key, Anthropic clients'
-# x-api-key, cookies) are for the proxy, not the nodes; the Host sent
-# upstream must be the node's own (a loopback-bound Ollama answers 403 to
-# foreign hosts); the body length and encoding are the relay's business.
+# The client's credentials (a bearer token, Anthropic clients' x-api-key,
+# cookies) are for the proxy, not the nodes; the Host sent upstream must be
+# the node's own (a loopback-bound Ollama answers 403 to foreign hosts); the
+# body length and encoding are the relay's business.
 NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "authorization", "x-api-key", "cookie",
                                  "content-length", "accept-encoding", "expect"}
 
@@ -294,14 +295,15 @@ class Relay:
 
     def __init__(self, registry: Registry, router: Router, scheduler: Scheduler,
                  metrics: Metrics, *, connect_timeout: float, idle_timeout: float,
-                 max_body_size: int, node_ssl: ssl.SSLContext | None = None) -> None:
+                 max_body_size: int, node_ssl: ssl.SSLContext | None = None,
+                 allowed: Networks = ()) -> None:
         self.registry = registry
         self.router = router
         self.scheduler = scheduler
         self.metrics = metrics
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.client = make_upstream_client(max_body_size, node_ssl)
+        self.client = make_upstream_client(max_body_size, node_ssl, allowed)
         # Set by the app: re-probe a node whose model list proved stale.
         self.on_missing_model: Callable[[NodeState], None] | None = None
         self.attempts: dict[int, set[Attempt]] = {}  # in flight, by node id

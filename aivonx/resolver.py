@@ -17,15 +17,44 @@ from tornado.netutil import DefaultLoopResolver, Resolver
 
 CACHE_SECONDS = 30.0
 
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+class AddressNotAllowed(OSError):
+    """A node's address lies outside --node-networks."""
+
+
+def parse_networks(text: str) -> Networks:
+    """'127.0.0.0/8, 10.1.0.0/16' as networks; ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in text.split(",") if part.strip())
+
 
 class CachingResolver(Resolver):
-    def initialize(self) -> None:
+    """`allowed`, when not empty, fences nodes in: an address outside those
+    networks is never connected to (what a name resolves to is checked)."""
+
+    def initialize(self, allowed: Networks = ()) -> None:
+        self.allowed = allowed
         self._inner = DefaultLoopResolver()
         self._cache: dict[tuple[str, int, int], tuple[float, list[tuple[int, Any]]]] = {}
         self._pending: dict[tuple[str, int, int], asyncio.Future] = {}
 
     async def resolve(self, host: str, port: int,
                       family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
+        addresses = await self._resolve(host, port, family)
+        if not self.allowed:
+            return addresses
+        inside = [a for a in addresses
+                  if any(ipaddress.ip_address(a[1][0].split("%", 1)[0]) in network
+                         for network in self.allowed)]
+        if not inside:
+            raise AddressNotAllowed(f"{host} is outside the allowed node networks "
+                                    f"({', '.join(map(str, self.allowed))})")
+        return inside
+
+    async def _resolve(self, host: str, port: int,
+                       family: socket.AddressFamily) -> list[tuple[int, Any]]:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:

@@ -27,6 +27,11 @@ class NoHealthyNode(Unroutable, RuntimeError):
     """Nodes have the model but none of them can take a request now: 503."""
 
 
+def serves(node: NodeState) -> bool:
+    """Enabled and answering probes: routable, or resting (a last resort)."""
+    return node.enabled and node.healthy
+
+
 def _rotate(nodes: list[NodeState], turn: int) -> list[NodeState]:
     if not nodes:
         return nodes
@@ -108,10 +113,17 @@ class Router:
             raise NoSuchModel(key)
         up = [n for n in having if n.routable]
         if not up:
-            up = [n for n in having if n.enabled and n.healthy]
+            up = [n for n in having if serves(n)]
         if not up:
             raise NoHealthyNode(key)
         return up
+
+    def serving(self) -> list[NodeState]:
+        """The nodes some request may be routed to now: the routable ones
+        and, as a last resort for the models only they have, the resting
+        ones. A model is routed if and only if one of these has it, so the
+        listings show exactly their models."""
+        return [n for n in self.registry.nodes.values() if serves(n)]
 
     def candidates(self, key: str, eligible: list[NodeState] | None = None) -> list[NodeState]:
         """The eligible nodes best first, degraded ones after healthy ones.

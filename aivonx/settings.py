@@ -11,6 +11,11 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from .resolver import Networks, parse_networks
+
+from .logs import LOG_FORMATS
+from .startup import ollama_host
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -22,6 +27,7 @@ class Settings:
     nodes: list[str] = field(default_factory=list)
     health_interval: float = 10.0
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object a line (aivonx.logs)
     # Upstream timeouts. There is no total deadline on a generation: a
     # connect timeout plus an idle (no byte received) timeout instead, long
     # enough for a cold model load, which sends nothing for minutes.
@@ -57,6 +63,19 @@ class Settings:
     # A PEM bundle HTTPS nodes are verified against, instead of the
     # system's trust store (e.g. a private CA or a self-signed node).
     node_ca_file: str | None = None
+    # When not empty, nodes are only ever connected to at addresses within
+    # these networks (names are resolved, then checked): a fence for what
+    # the proxy may reach, whatever an admin account is made to add.
+    node_networks: Networks = ()
+    # A file of AIVONX_*=value lines, read at start and again on SIGHUP.
+    env_file: str | None = None
+    # Served when the store has no node and none is given (the command line
+    # sets it from OLLAMA_HOST; None in code that builds Settings itself).
+    local_node: str | None = None
+
+
+# What SIGHUP applies to a running process; anything else needs a restart.
+RELOADABLE = ("log_level", "log_format")
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -76,6 +95,18 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {text!r}")
     return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text.lower()
+
+
+def _log_format(text: str) -> str:
+    if text.lower() not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_FORMATS)}, got {text!r}")
+    return text.lower()
 
 
 def _ca_file(path: str) -> str:
@@ -124,6 +155,13 @@ _SIMPLE_FLAGS = [
 ]
 
 
+def _networks(text: str) -> Networks:
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The serve command's flags; defaults come from AIVONX_* variables."""
     env = os.environ if environ is None else environ
@@ -143,13 +181,25 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         metavar="URL",
                         help="an Ollama node, e.g. http://gpu1:11434; repeatable "
                              "(AIVONX_NODES, comma-separated)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS,
-                        default=(_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level).lower(),
+    # A string default goes through type=, which checks AIVONX_LOG_LEVEL too.
+    parser.add_argument("--log-level", choices=LOG_LEVELS, type=_log_level,
+                        default=_env(env, "AIVONX_LOG_LEVEL") or defaults.log_level,
                         help="log verbosity (AIVONX_LOG_LEVEL, default info)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, type=_log_format,
+                        default=_env(env, "AIVONX_LOG_FORMAT") or defaults.log_format,
+                        help="text, or json: one object a line (AIVONX_LOG_FORMAT, "
+                             "default text)")
+    parser.add_argument("--env-file", default=_env(env, "AIVONX_ENV_FILE"), metavar="PATH",
+                        help="KEY=value lines (a systemd EnvironmentFile) that win over the "
+                             "environment; re-read on SIGHUP (AIVONX_ENV_FILE)")
     parser.add_argument("--node-ca-file", type=_ca_file, metavar="PEM",
                         default=_env(env, "AIVONX_NODE_CA_FILE"),
                         help="CA bundle that HTTPS nodes are verified against instead of the "
                              "system's (AIVONX_NODE_CA_FILE, default the system's)")
+    parser.add_argument("--node-networks", type=_networks, metavar="CIDR,...",
+                        default=_networks(_env(env, "AIVONX_NODE_NETWORKS") or ""),
+                        help="only connect to nodes at addresses in these networks, e.g. "
+                             "10.0.0.0/8,127.0.0.1/32 (AIVONX_NODE_NETWORKS, default any)")
     root_password = _env(env, "AIVONX_ROOT_PASSWORD") or _env(env, "ROOT_PASSWORD")
     parser.set_defaults(env_nodes=env_nodes, root_password=root_password)
     return parser
@@ -158,11 +208,42 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 def settings_from_args(args: argparse.Namespace) -> Settings:
     nodes = args.nodes if args.nodes is not None else args.env_nodes
     simple = {flag[2:].replace("-", "_") for flag, *_ in _SIMPLE_FLAGS}
-    return Settings(nodes=list(nodes), log_level=args.log_level,
-                    root_password=args.root_password, node_ca_file=args.node_ca_file,
+    return Settings(nodes=list(nodes), log_level=args.log_level, log_format=args.log_format,
+                    root_password=args.root_password, env_file=args.env_file,
+                    node_ca_file=args.node_ca_file, node_networks=args.node_networks,
                     **{name: getattr(args, name) for name in simple})
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=value lines as systemd's EnvironmentFile= reads them: blank lines
+    and lines starting with # or ; skipped, optional `export `, one level of
+    matching quotes removed."""
+    values = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line[0] in "#;" or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            key = key.strip().removeprefix("export ").strip()
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[key] = value
+    return values
 
 
 def parse_settings(argv: Sequence[str] | None = None,
                    environ: Mapping[str, str] | None = None) -> Settings:
-    return settings_from_args(build_parser(environ).parse_args(argv))
+    """Flags, then the --env-file (the admin's latest word: on SIGHUP it is
+    newer than the process environment), then the environment."""
+    environ = os.environ if environ is None else environ
+    first = build_parser(environ).parse_args(argv)
+    if first.env_file:
+        try:
+            environ = {**environ, **read_env_file(first.env_file)}
+        except (OSError, UnicodeDecodeError) as exc:
+            build_parser(environ).error(f"--env-file: {exc}")
+    settings = settings_from_args(build_parser(environ).parse_args(argv))
+    settings.local_node = ollama_host(environ)
+    return settings

@@ -78,7 +78,7 @@ class ClientSink:
         own framing, or, for a fixed-length body that cannot be completed,
         cut the connection so the client sees a short read rather than a
         corrupt document."""
-        chunk = stream_error_chunk(self.content_type, message)
+        chunk = stream_error_chunk(self.content_type, message, self.style)
         if chunk is None:
             self.abort()
             return

@@ -1,9 +1,15 @@
-"""The cluster's live state as plain data, for the state API and the status page."""
+"""The cluster's live state as plain data, for the state API and the status page.
+
+Next to the raw figures, `display` objects carry the strings the status page
+shows (aivonx/display.py), so the page's script inserts them as they are.
+"""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
+from .display import cluster_display, node_display
 from .registry import NodeState, Registry
 from .scheduler import Scheduler
 
@@ -22,8 +28,8 @@ def _average_wait(scheduler: Scheduler) -> float | None:
     return _seconds(scheduler.wait_seconds_total / left) if left > 0 else None
 
 
-def node_view(node: NodeState) -> dict[str, Any]:
-    return {
+def node_view(node: NodeState, now: float | None = None) -> dict[str, Any]:
+    view = {
         "id": node.id,
         "name": node.name,
         "address": node.address,
@@ -48,13 +54,16 @@ def node_view(node: NodeState) -> dict[str, Any]:
         "models": sorted(node.models.values()),
         "loaded": sorted({e.get("model") or e.get("name") for e in node.loaded}),
     }
+    view["display"] = node_display(view, now)
+    return view
 
 
 def cluster_state(registry: Registry, scheduler: Scheduler, strategy: str) -> dict[str, Any]:
     """Everything the state API and the status page show, in one snapshot."""
     nodes = sorted(registry.nodes.values(), key=lambda n: n.id)
-    views = [node_view(n) for n in nodes]
-    return {
+    now = time.time()
+    views = [node_view(n, now) for n in nodes]
+    state = {
         "active": [n.url for n in nodes if n.status == "active"],
         "standby": [n.url for n in nodes if n.status != "active"],
         "node_id_map": {str(n.id): n.url for n in nodes},
@@ -77,3 +86,5 @@ def cluster_state(registry: Registry, scheduler: Scheduler, strategy: str) -> di
         },
         "nodes": views,
     }
+    state["display"] = cluster_display(state)
+    return state

@@ -35,7 +35,7 @@ from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 from tornado.tcpclient import TCPClient
 
-from .resolver import CachingResolver
+from .resolver import CachingResolver, Networks
 
 # Idle connections kept per node, and how long one may stay idle. Ollama
 # (Go's http.Server without an IdleTimeout) keeps them open indefinitely;
@@ -427,13 +427,13 @@ class UpstreamClient(SimpleAsyncHTTPClient):
         super().close()
 
 
-def make_upstream_client(max_body_size: int,
-                         node_ssl: ssl.SSLContext | None = None) -> UpstreamClient:
+def make_upstream_client(max_body_size: int, node_ssl: ssl.SSLContext | None = None,
+                         allowed: Networks = ()) -> UpstreamClient:
     """`node_ssl` verifies HTTPS nodes (see node_ssl_context); None: the
     system's trust store."""
     # max_clients: the default of 10 would queue requests silently behind
     # long generations; every request gets its own connection instead.
     return UpstreamClient(force_instance=True, max_clients=100_000,
                           max_body_size=max_body_size,
-                          max_buffer_size=max_body_size, resolver=CachingResolver(),
+                          max_buffer_size=max_body_size, resolver=CachingResolver(allowed),
                           defaults={"ssl_options": node_ssl} if node_ssl else None)

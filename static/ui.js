@@ -1,20 +1,20 @@
 /* Aivonx status page: keeps the server-rendered page live.
  *
  * The page is complete without this script. With it, the state JSON is
- * polled every second and the DOM updated in place. Everything a node or a
- * user supplied (names, models, errors) goes in through textContent,
- * setAttribute or createElement, never innerHTML.
+ * polled every second and the DOM updated in place. The script formats
+ * nothing: every duration, latency, weight and summary comes ready from the
+ * server (the `display` objects of the state, aivonx/display.py), the same
+ * strings the server-rendered page shows. Everything a node or a user
+ * supplied (names, models, errors) goes in through textContent, setAttribute
+ * or createElement, never innerHTML.
  */
 (() => {
   "use strict";
 
   const body = document.body;
   const STATE_URL = body.dataset.stateUrl;
-  const SLOTS = Number(body.dataset.sparkSlots) || 30;
   const CHIP_LIMIT = Number(body.dataset.chipLimit) || 8;
   const POLL_MS = 1000;
-  const SPARK_W = 120;
-  const SPARK_H = 28;
 
   const rows = document.getElementById("node-rows");
   const template = document.getElementById("row-template");
@@ -22,9 +22,7 @@
   const overall = document.getElementById("overall");
   if (!STATE_URL || !rows || !template) return;
 
-  let skew = null; // server clock minus ours, in ms
   let timer = null;
-  let lastState = null;
 
   // -- small helpers -------------------------------------------------------
   const slot = (root, name) => root.querySelector(`[data-f="${name}"]`);
@@ -39,78 +37,6 @@
     if (className) node.className = className;
     if (text !== undefined) node.textContent = text;
     return node;
-  }
-
-  function serverNow() {
-    return (Date.now() + (skew || 0)) / 1000;
-  }
-
-  // Same formats as aivonx/handlers/pages.py renders.
-  function ago(since) {
-    if (since === null || since === undefined || since === "") return "—";
-    let s = Math.max(0, Math.floor(serverNow() - Number(since)));
-    if (s < 60) return `${s}s`;
-    let m = Math.floor(s / 60);
-    s %= 60;
-    if (m < 60) return `${m}m ${String(s).padStart(2, "0")}s`;
-    let h = Math.floor(m / 60);
-    m %= 60;
-    if (h < 24) return `${h}h ${String(m).padStart(2, "0")}m`;
-    const d = Math.floor(h / 24);
-    h %= 24;
-    return `${d}d ${h}h`;
-  }
-
-  function latencyText(seconds) {
-    if (seconds === null || seconds === undefined) return "—";
-    if (seconds < 0.001) return "<1 ms";
-    if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
-    return `${seconds.toFixed(2)} s`;
-  }
-
-  function waitText(seconds) {
-    if (seconds === null || seconds === undefined) return "—";
-    if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
-    if (seconds < 10) return `${seconds.toFixed(1)} s`;
-    if (seconds < 60) return `${Math.round(seconds)} s`;
-    const whole = Math.floor(seconds);
-    return `${Math.floor(whole / 60)}m ${String(whole % 60).padStart(2, "0")}s`;
-  }
-
-  function weightText(weight) {
-    return String(Number(Number(weight).toPrecision(6)));
-  }
-
-  function poolText(n) {
-    // Whether a degraded node still gets requests (pool_text in pages.py).
-    if (n.health !== "degraded") return "";
-    return n.status === "active" ? "still serving" : "last resort only";
-  }
-
-  function sparkPoints(history) {
-    const values = (history || []).filter((v) => v !== null && v !== undefined).slice(-SLOTS);
-    if (values.length < 2) return "";
-    const top = Math.max(...values) * 1.15 || 1;
-    const step = SPARK_W / (SLOTS - 1);
-    const offset = SPARK_W - step * (values.length - 1);
-    const usable = SPARK_H - 4;
-    return values
-      .map((v, i) => `${(offset + i * step).toFixed(1)},${(SPARK_H - 2 - (v / top) * usable).toFixed(1)}`)
-      .join(" ");
-  }
-
-  function summaryOf(nodes) {
-    // Mirrors overall() in aivonx/handlers/pages.py.
-    const active = nodes.filter((n) => n.status === "active").length;
-    const enabled = nodes.filter((n) => n.status !== "drained").length;
-    const degraded = nodes.filter((n) => n.health === "degraded").length;
-    if (!nodes.length) return ["No nodes configured", "warn"];
-    if (active === 0) return ["No node is serving", "bad"];
-    if (active < enabled) {
-      return [`${enabled - active} of ${enabled} node${enabled !== 1 ? "s" : ""} down`, "warn"];
-    }
-    if (degraded) return [`All nodes serving, ${degraded} degraded`, "warn"];
-    return ["All nodes serving", "ok"];
   }
 
   // -- rendering ------------------------------------------------------------
@@ -151,6 +77,7 @@
   }
 
   function renderRow(tr, n) {
+    const shown = n.display;
     tr.dataset.status = n.status;
     tr.dataset.health = n.health;
     setText(slot(tr, "name"), n.name);
@@ -161,18 +88,17 @@
     setText(badge, n.health);
     const since = slot(tr, "since");
     since.dataset.since = n.since === null ? "" : String(n.since);
-    setText(since, ago(n.since));
-    setText(slot(tr, "pool"), poolText(n));
+    setText(since, shown.since);
+    setText(slot(tr, "pool"), shown.pool);
     // Why the node is not healthy: slow, failing, resting, unreachable, drained.
     setText(slot(tr, "reason"), n.health_reason || "");
-    setText(slot(tr, "latency"), latencyText(n.latency));
-    const points = sparkPoints(n.latency_history);
+    setText(slot(tr, "latency"), shown.latency);
     const line = slot(tr, "spark");
-    if (line.getAttribute("points") !== points) line.setAttribute("points", points);
+    if (line.getAttribute("points") !== shown.spark) line.setAttribute("points", shown.spark);
     setText(slot(tr, "active_requests"), n.active_requests);
     setText(slot(tr, "slots"), n.slots);
     slot(tr, "load").classList.toggle("full", n.active_requests >= n.slots);
-    setText(slot(tr, "weight"), n.weight === 1 ? "" : `weight ${weightText(n.weight)}`);
+    setText(slot(tr, "weight"), shown.weight_label);
     setText(slot(tr, "requests_served"), n.requests_served);
     setText(slot(tr, "errors"), n.errors);
     renderChips(slot(tr, "models"), n.models, n.loaded, "none listed");
@@ -194,7 +120,7 @@
       edit.value = n.name;
       slot(tr, "edit-address").value = n.url;
       slot(tr, "edit-slots").value = String(n.slots);
-      slot(tr, "edit-weight").value = weightText(n.weight);
+      slot(tr, "edit-weight").value = n.display.weight;
     }
   }
 
@@ -216,18 +142,18 @@
 
   function renderSummary(state) {
     const nodes = state.nodes;
-    setText(slot(document, "active-count"), nodes.filter((n) => n.status === "active").length);
+    const shown = state.display;
+    setText(slot(document, "active-count"), shown.serving);
     setText(slot(document, "node-count"), nodes.length);
     setText(slot(document, "strategy"), state.strategy);
     setText(slot(document, "total_active_requests"), state.total_active_requests);
-    setText(slot(document, "capacity"), nodes.filter((n) => n.status === "active")
-      .reduce((sum, n) => sum + n.slots, 0));
-    renderQueue(state.queue);
+    setText(slot(document, "capacity"), shown.capacity);
+    renderQueue(state.queue, shown);
     setText(slot(document, "requests_served"), state.requests_served);
     const errors = slot(document, "errors");
     setText(errors, state.errors);
     errors.classList.toggle("has-errors", state.errors > 0);
-    setOverall(...summaryOf(nodes));
+    setOverall(shown.summary, shown.tone);
     const strategy = slot(document, "strategy-select");
     if (strategy && !strategy.dataset.dirty && document.activeElement !== strategy) {
       strategy.value = state.strategy;
@@ -235,13 +161,13 @@
     renderTargets(nodes);
   }
 
-  function renderQueue(queue) {
+  function renderQueue(queue, shown) {
     if (!queue) return;
     setText(slot(document, "queue-depth"), queue.depth);
     setText(slot(document, "queue-limit"), queue.limit);
-    setText(slot(document, "queue-oldest"), waitText(queue.oldest_wait));
-    setText(slot(document, "queue-average"), waitText(queue.average_wait));
-    setText(slot(document, "queue-max-wait"), waitText(queue.max_wait));
+    setText(slot(document, "queue-oldest"), shown.queue_oldest);
+    setText(slot(document, "queue-average"), shown.queue_average);
+    setText(slot(document, "queue-max-wait"), shown.queue_max_wait);
     const rejected = slot(document, "queue-rejected");
     setText(rejected, queue.rejected_total);
     rejected.classList.toggle("has-errors", queue.rejected_total > 0);
@@ -276,14 +202,8 @@
   }
 
   function render(state) {
-    lastState = state;
     renderSummary(state);
     renderNodes(state.nodes);
-    document.dispatchEvent(new CustomEvent("aivonx:state", { detail: state }));
-  }
-
-  function tick() {
-    for (const t of rows.querySelectorAll("time[data-since]")) setText(t, ago(t.dataset.since));
   }
 
   function setLive(ok, why) {
@@ -304,14 +224,6 @@
   }
 
   // -- polling --------------------------------------------------------------
-  function noteServerClock(resp) {
-    // Date has whole seconds: the server's clock is at least this far ahead.
-    const date = Date.parse(resp.headers.get("Date") || "");
-    if (Number.isNaN(date)) return;
-    const sample = date - Date.now();
-    skew = skew === null || Math.abs(sample - skew) > 5000 ? sample + 500 : Math.max(skew, sample);
-  }
-
   async function poll() {
     clearTimeout(timer);
     timer = null;
@@ -323,7 +235,6 @@
         headers: { Accept: "application/json" },
       });
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
-      noteServerClock(resp);
       render(await resp.json());
       setLive(true);
     } catch (err) {
@@ -336,7 +247,6 @@
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) poll();
   });
-  setInterval(tick, 1000);
 
   // -- forms ----------------------------------------------------------------
   // The same forms work without this script (POST, redirect, message); here
@@ -429,7 +339,13 @@
       setText(view.status, line.error);
       return;
     }
-    if (line.digest && line.total) view.layers.set(line.digest, [line.completed || 0, line.total]);
+    if (line.digest && line.total) {
+      // A layer's bar only moves forward and never past its size, whatever
+      // order or figures the lines arrive with.
+      const before = view.layers.get(line.digest);
+      const completed = Math.max(before ? before[0] : 0, Number(line.completed) || 0);
+      view.layers.set(line.digest, [Math.min(completed, line.total), line.total]);
+    }
     let done = 0;
     let total = 0;
     for (const [completed, size] of view.layers.values()) {

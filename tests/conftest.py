@@ -9,11 +9,15 @@ import pytest
 from tornado.httpserver import HTTPServer
 
 from aivonx.app import Context, bound_port, make_server
+from aivonx.resolver import parse_networks
 from aivonx.settings import Settings
 from tests.fakes.fake_ollama import FakeOllama
 from tests.helpers import NodeProcess
 
 ROOT_PASSWORD = "test-root-password"  # user root's password in every test proxy
+LOOPBACK = parse_networks("127.0.0.0/8,::1/128")
+# Aivonx processes the tests start inherit the same fence.
+os.environ["AIVONX_NODE_NETWORKS"] = "127.0.0.0/8,::1/128"
 
 
 class Proxy:
@@ -70,8 +74,9 @@ def make_proxy(io_loop, tmp_path) -> Callable[..., Awaitable[Proxy]]:
 
     async def make(nodes: list[FakeOllama] = (), db: str | None = None, start: bool = True,
                    **overrides: Any) -> Proxy:
+        # Whatever node a test adds, the proxy never connects beyond loopback.
         options = {"health_interval": 0.5, "probe_timeout": 1.0,
-                   "root_password": ROOT_PASSWORD, **overrides}
+                   "root_password": ROOT_PASSWORD, "node_networks": LOOPBACK, **overrides}
         settings = Settings(port=0, db=db or str(tmp_path / f"aivonx{len(proxies)}.db"),
                             nodes=[n.url for n in nodes], **options)
         ctx = Context(settings)

@@ -28,7 +28,12 @@ async def call(url: str, method: str = "POST", body: bytes | None = None):
     ("/api/generate", b'{"model": "a//b"}', 400, "invalid model name"),
     ("/api/generate", b'{"model": "' + b"x" * 5000 + b'"}', 400, "invalid model name"),
     ("/api/generate", b'{"model": "llama3", "prompt": "\xff\xfe"}', 400, "UTF-8"),
-    ("/api/generate", b"[" * 100000 + b"]" * 100000, 400, ""),
+    ("/api/generate", b"[" * 100000 + b"]" * 100000, 400, "nested too deeply"),
+    # Above 256 KiB the body's top level is scanned rather than parsed.
+    ("/api/generate", b'{"model": "llama3", "x": ' + b"[" * 200000 + b"]" * 200000 + b"}",
+     400, "nested too deeply"),
+    ("/api/generate", b'{"model": "llama3", "x": [' + b"0," * 200000 + b"0}", 400,
+     "mismatched brackets"),
     ("/api/nope", b"{}", 404, "404 page not found"),
     ("/definitely/unknown", None, 404, "404 page not found"),
 ])
@@ -46,10 +51,14 @@ async def test_bad_requests_get_ollama_errors(io_loop, make_node, make_proxy, pa
 
 async def test_wrong_method_is_405_in_ollama_shape(io_loop, make_node, make_proxy):
     proxy = await make_proxy([await make_node()])
-    for method, path in [("GET", "/api/chat"), ("DELETE", "/api/generate"),
-                         ("POST", "/api/tags"), ("PUT", "/v1/chat/completions")]:
+    for method, path, allow in [("GET", "/api/chat", "POST"), ("DELETE", "/api/generate", "POST"),
+                                ("POST", "/api/tags", "GET, HEAD"),
+                                ("PUT", "/v1/chat/completions", "POST"),
+                                ("TRACE", "/api/proxy/config", "GET, PATCH, PUT"),
+                                ("POST", "/api/proxy/nodes/1", "GET, DELETE, PATCH, PUT")]:
         response = await call(proxy.url + path, method, b"{}" if method != "GET" else None)
         assert response.code == 405, (method, path)
+        assert response.headers["Allow"] == allow, (method, path)  # RFC 9110
         error = json.loads(response.body)["error"]
         if path.startswith("/v1/"):
             error = error["message"]  # OpenAI's shape on the OpenAI API

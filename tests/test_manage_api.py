@@ -8,6 +8,7 @@ import json
 import ollama
 import pytest
 
+from aivonx.resolver import parse_networks
 from tests.api_client import call, login
 from tests.test_relay import wait_for
 
@@ -120,6 +121,23 @@ async def test_invalid_config_is_refused_naming_the_valid_strategies(
     assert proxy.ctx.router.strategy == "least_active"
     answer = await call(proxy, "PUT", "/api/proxy/config", raw=b"{bad", token=token)
     assert answer.code == 400 and "invalid JSON" in answer.json["error"]
+    assert "invalid JSON" in answer.json["fields"]["non_field_errors"]
+
+
+async def test_every_validation_400_names_its_fields(io_loop, make_proxy):
+    """The OpenAPI document promises `fields` with every 400 of these."""
+    proxy = await make_proxy(health_interval=3600)
+    token = await login(proxy)
+    node = (await call(proxy, "POST", "/api/proxy/nodes", {"address": "gpu1"}, token=token)).json
+    for method, path in [("PUT", "/api/proxy/config"), ("PATCH", "/api/proxy/config"),
+                         ("POST", "/api/proxy/nodes"), ("PUT", f"/api/proxy/nodes/{node['id']}"),
+                         ("PATCH", f"/api/proxy/nodes/{node['id']}")]:
+        for raw, words in ((b"", "missing request body"), (b"{bad", "invalid JSON"),
+                           (b"[1]", "must be a JSON object"), (b"\xff", "not UTF-8")):
+            answer = await call(proxy, method, path, raw=raw, token=token)
+            assert answer.code == 400, (method, path, raw, answer)
+            assert words in answer.json["error"], (method, path, raw, answer)
+            assert words in answer.json["fields"]["non_field_errors"], (method, path, raw)
 
 
 async def test_a_new_node_is_probed_and_routed_to_at_once(io_loop, make_node, make_proxy):
@@ -161,9 +179,9 @@ async def test_node_crud_and_pagination(io_loop, make_proxy):
     assert answer.json["address"] == "https://gpu4.example"
     page = (await call(proxy, "GET", "/api/proxy/nodes?limit=2&offset=2", token=token)).json
     assert page["count"] == 5 and [n["id"] for n in page["results"]] == ids[2:4]
-    assert page["next"].endswith("/api/proxy/nodes?limit=2&offset=4")
-    assert page["previous"].endswith("/api/proxy/nodes?limit=2&offset=0")
-    last = (await call(proxy, "GET", page["next"][len(proxy.url):], token=token)).json
+    assert page["next"] == "/api/proxy/nodes?limit=2&offset=4"
+    assert page["previous"] == "/api/proxy/nodes?limit=2&offset=0"
+    last = (await call(proxy, "GET", page["next"], token=token)).json
     assert [n["id"] for n in last["results"]] == ids[4:] and last["next"] is None
     whole = (await call(proxy, "GET", "/api/proxy/nodes", token=token)).json
     assert whole["count"] == 5 and whole["previous"] is None and len(whole["results"]) == 5
@@ -189,6 +207,52 @@ async def test_node_crud_and_pagination(io_loop, make_proxy):
         for missing in (url, "/api/proxy/nodes/99999999999999999999999999"):
             answer = await call(proxy, method, missing, {"address": "h"}, token=token)
             assert answer.code == 404 and "not found" in answer.json["error"], (method, answer)
+
+
+async def test_pagination_links_never_echo_the_clients_host(io_loop, make_proxy):
+    proxy = await make_proxy(health_interval=3600)
+    token = await login(proxy)
+    for i in range(3):
+        await call(proxy, "POST", "/api/proxy/nodes", {"address": f"gpu{i}"}, token=token)
+    page = (await call(proxy, "GET", "/api/proxy/nodes?limit=1&offset=1", token=token,
+                       headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"})).json
+    assert (page["previous"], page["next"]) == ("/api/proxy/nodes?limit=1&offset=0",
+                                                "/api/proxy/nodes?limit=1&offset=2")
+
+
+@pytest.mark.parametrize("path,field", [
+    ("/api/proxy/active-requests?node_id=--1", "node_id"),
+    ("/api/proxy/active-requests?node_id=%C2%B2", "node_id"),        # ²
+    ("/api/proxy/active-requests?node_id=%D9%A3", "node_id"),        # Arabic-Indic 3
+    ("/api/proxy/active-requests?node_id=1-", "node_id"),
+    ("/api/proxy/active-requests?node_id=" + "9" * 5000, "node_id"),
+    ("/api/proxy/nodes?limit=--5", "limit"),
+    ("/api/proxy/nodes?limit=%C2%B2", "limit"),
+    ("/api/proxy/nodes?offset=--0", "offset"),
+])
+async def test_malformed_integers_are_a_400_naming_the_field(io_loop, make_proxy, path, field):
+    proxy = await make_proxy(health_interval=3600)
+    token = await login(proxy)
+    answer = await call(proxy, "GET", path, token=token)
+    assert answer.code == 400, answer
+    assert answer.json["error"] == "validation failed" and field in answer.json["fields"]
+
+
+async def test_any_64_bit_node_id_is_looked_up(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()], health_interval=3600)
+    token = await login(proxy)
+    largest = 2 ** 63 - 1
+    for path in (f"/api/proxy/active-requests?node_id={largest}",
+                 f"/api/proxy/active-requests?node_id={-2 ** 63}",
+                 f"/api/proxy/nodes/{largest}", f"/api/proxy/nodes/{2 ** 63}",
+                 "/api/proxy/nodes/" + "9" * 5000):
+        answer = await call(proxy, "GET", path, token=token)
+        assert answer.code == 404 and "not found" in answer.json["error"], (path, answer)
+    node_id = next(iter(proxy.registry.nodes))
+    padded = f"{node_id:019d}"
+    assert (await call(proxy, "GET", f"/api/proxy/nodes/{padded}", token=token)).code == 200
+    answer = await call(proxy, "GET", f"/api/proxy/active-requests?node_id={padded}")
+    assert answer.code == 200 and [n["id"] for n in answer.json["nodes"]] == [node_id]
 
 
 @pytest.mark.parametrize("body, fields", [
@@ -449,3 +513,14 @@ async def test_slots_and_weight_persist_across_a_restart(io_loop, make_node, mak
     views = {n["id"]: (n["slots"], n["weight"]) for n in
              (await call(proxy, "GET", "/api/proxy/state")).json["nodes"]}
     assert views == listed
+
+
+async def test_nodes_outside_the_node_networks_are_never_connected_to(io_loop, make_node,
+                                                                       make_proxy):
+    node = await make_node()
+    proxy = await make_proxy([node], node_networks=parse_networks("127.0.0.2/32"))
+    state = proxy.node(node)
+    assert not state.healthy and "outside the allowed node networks" in state.reason
+    answer = await call(proxy, "POST", "/api/generate", {"model": "llama3", "prompt": "x"})
+    assert answer.code == 404  # never reached, so none of its models is known
+    assert node.connections_accepted == 0

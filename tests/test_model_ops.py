@@ -9,8 +9,7 @@ import time
 import ollama
 import pytest
 
-from aivonx.modelops import ProgressMerger, common_refusal
-from aivonx.pulls import NodeResult
+from aivonx.modelops import NodeResult, ProgressMerger, common_refusal
 from aivonx.registry import NodeState
 from tests.api_client import call, login
 from tests.test_relay import wait_for
@@ -140,6 +139,31 @@ async def test_ollama_client_pull_merges_progress_across_nodes(io_loop, make_nod
     assert {"phi3:latest", "qwen3:8b"} <= {m.model for m in tags.models}
 
 
+async def test_merged_pull_progress_never_goes_back_when_nodes_report_apart(
+        io_loop, make_node, make_proxy):
+    quick, slow = await make_node(), await make_node(chunk_delay=0.1)
+    proxy = await make_proxy([quick, slow], health_interval=3600)
+    client = await admin_client(proxy)
+    parts = [part async for part in await client.pull("qwen3:8b", stream=True)]
+    assert parts[-1].status == "success"
+    layers: dict[str, list] = {}
+    for part in parts:
+        if part.digest:
+            layers.setdefault(part.digest, []).append((part.total, part.completed or 0))
+    assert len(layers) == 2
+    for counts in layers.values():
+        totals = {total for total, _ in counts}
+        assert len(totals) == 1  # the first total is the last
+        total = totals.pop()
+        completed = [done for _, done in counts]
+        assert completed == sorted(completed) and completed[-1] == total
+        assert all(done <= total for done in completed)
+    # The quick node finished before the slow one reported: without the rule
+    # a layer would have gone from 1.0 back to 0.75.
+    assert quick.requests_to("/api/pull")[0].finished_at < \
+        slow.requests_to("/api/pull")[0].finished_at
+
+
 async def test_ollama_client_pull_fails_naming_the_failed_node(io_loop, make_node, make_proxy):
     good, bad = await make_node(), await make_node()
     proxy = await make_proxy([good, bad], health_interval=3600)
@@ -243,6 +267,39 @@ def test_progress_merger_sums_layers_and_sends_each_status_once():
     assert merger.feed(n1, {"status": "success"}) is None
     assert merger.feed(n1, {"error": "boom"}) is None
     assert merger.feed(n1, {"status": 5}) is None
+
+
+def test_merged_progress_counts_the_nodes_yet_to_report_a_layer():
+    a = NodeState(id=1, name="a", address="a", port=1)
+    b = NodeState(id=2, name="b", address="b", port=1)
+    merger = ProgressMerger(nodes=2)
+    layer = {"status": "pulling abc", "digest": "sha256:abc"}
+    sent = [merger.feed(node, {**layer, "total": 10, "completed": done})
+            for node, done in ((a, 5), (a, 10), (b, 5), (b, 10))]
+    # The total is the final one from the first line (the CLI draws its bar
+    # from it); the fraction only grows: 0.25, 0.5, 0.75, 1.0.
+    assert [(s["total"], s["completed"]) for s in sent] == [(20, 5), (20, 10), (20, 15),
+                                                             (20, 20)]
+
+
+def test_merged_progress_holds_back_a_line_that_would_go_back():
+    a = NodeState(id=1, name="a", address="a", port=1)
+    b = NodeState(id=2, name="b", address="b", port=1)
+    merger = ProgressMerger(nodes=2)
+    layer = {"status": "pulling abc", "digest": "sha256:abc"}
+    assert merger.feed(a, {**layer, "total": 10, "completed": 8})["completed"] == 8
+    assert merger.feed(a, {**layer, "total": 10, "completed": 4}) is None  # a part restarted
+    assert merger.feed(a, {**layer, "total": 10, "completed": 10})["completed"] == 10
+    # b reports the layer bigger than a did: 13/40 would be less than 10/20.
+    assert merger.feed(b, {**layer, "total": 30, "completed": 3}) is None
+    assert merger.feed(b, {**layer, "total": 30, "completed": 30}) == {
+        **layer, "total": 40, "completed": 40}
+    alone = ProgressMerger(nodes=1)
+    assert alone.feed(a, {**layer, "total": 10, "completed": 15}) == {
+        **layer, "total": 10, "completed": 10}  # never more than the total
+    unknown = ProgressMerger()
+    assert unknown.feed(a, {**layer, "total": 10, "completed": 5})["completed"] == 5
+    assert unknown.feed(a, {**layer, "total": 10, "completed": 3}) is None
 
 
 def test_a_request_every_node_refuses_alike_is_the_clients_error():

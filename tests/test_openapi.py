@@ -15,15 +15,22 @@ from tests.api_client import call, login
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ_SECONDS = 35
+# Every answer must be one the document describes: status, content type,
+# body schema; methods it does not list answer 405 with `Allow`.
+CHECKS = ",".join(("not_a_server_error", "status_code_conformance", "content_type_conformance",
+                   "response_schema_conformance", "unsupported_method",
+                   "allow_header_conformance"))
 
 HOOKS = '''
 import schemathesis
 
 @schemathesis.hook
-def filter_path_parameters(ctx, path_parameters):
+def before_call(ctx, case, **kwargs):
     # Keep the one real node: draining or deleting it would make every
     # later model operation answer 503 "no node is available", by design.
-    return str((path_parameters or {}).get("node_id")) != "{node_id}"
+    # Every phase calls this (the coverage phase picks id 1, a boundary).
+    if str((case.path_parameters or {}).get("node_id")) == "{node_id}":
+        case.path_parameters["node_id"] = 2 ** 62
 '''
 # The fuzzer adds nodes that cannot be reached and may name them in a pull,
 # which then answers 502 as documented; no other 5xx is acceptable.
@@ -49,7 +56,8 @@ async def test_schema_is_valid_openapi_covering_every_endpoint(io_loop, make_pro
             if method in handler.__dict__:
                 # A path parameter is named after the method's argument.
                 arguments = list(inspect.signature(handler.__dict__[method]).parameters)[1:]
-                path = re.sub(r"\([^)]*\)", "{%s}" % (arguments or ["_"])[0], pattern)
+                path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+                path = re.sub(r"\([^)]*\)", "{%s}" % (arguments or ["_"])[0], path)
                 assert (path, method) in documented, (path, method)
                 operation = spec["paths"][path][method]
                 assert operation["responses"] and operation["summary"]
@@ -69,6 +77,10 @@ async def test_schema_is_valid_openapi_covering_every_endpoint(io_loop, make_pro
         "integer", 1, 1024, 4)
     assert (weight["type"], weight["minimum"], weight["exclusiveMinimum"],
             weight["maximum"]) == ("number", 0, True, 100)
+    assert "404" in spec["paths"]["/api/create"]["post"]["responses"]
+    for method in ("get", "put", "patch", "delete"):
+        (parameter,) = spec["paths"]["/api/proxy/nodes/{node_id}"][method]["parameters"]
+        assert parameter["schema"] == {"type": "integer", "format": "int64", "minimum": 1}
     node = spec["components"]["schemas"]["Node"]["properties"]
     assert {"slots", "weight"} <= set(node)
 
@@ -108,7 +120,7 @@ async def test_fuzzing_every_documented_operation_finds_no_server_error(
     # stay away from pytest-tornasync, and this loop keeps serving the proxy.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "schemathesis.cli", "run", f"{proxy.url}/api/schema",
-        "--checks", "not_a_server_error", "--max-time", str(FUZZ_SECONDS),
+        "--checks", CHECKS, "--max-time", str(FUZZ_SECONDS),
         "--phases", "examples,coverage,fuzzing", "--workers", "2", "--seed", "7",
         "--request-timeout", "10", "--header", f"Authorization: Bearer {token}",
         # Logout would revoke the fuzzer's own token; it is tested directly.
@@ -119,11 +131,14 @@ async def test_fuzzing_every_documented_operation_finds_no_server_error(
              "PYTHONPATH": str(tmp_path)}, cwd=str(tmp_path))
     output, _ = await asyncio.wait_for(proc.communicate(), FUZZ_SECONDS + 20)
     text = output.decode(errors="replace")
+    (tmp_path / "schemathesis.txt").write_text(text)  # the whole report, for a failure
     # A failure is what the API answered wrong; schemathesis' own internal
     # errors (it has some in its coverage phase) say nothing about the API.
     for trouble in ("Failures:", "Network Error", "Unresponsive Operation", "Unhealthy API"):
         assert trouble not in text, text[-6000:]
     generated = re.search(r"Test cases:\s+(\d+) generated", text)
-    assert generated and int(generated.group(1)) > 500, text[-3000:]
+    # About 800 cases on an idle machine; a loaded CI box runs far fewer in
+    # the same time, but every operation gets its examples and coverage.
+    assert generated and int(generated.group(1)) > 100, text[-3000:]
     # The proxy still works afterwards.
     assert (await call(proxy, "GET", "/api/proxy")).code == 200

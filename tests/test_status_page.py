@@ -9,7 +9,7 @@ import re
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
-from aivonx.handlers.pages import ago, latency_text, overall, spark_points, wait_text
+from aivonx.display import ago, latency_text, overall, spark_points, wait_text
 from aivonx.store import Node
 from tests.test_capacity import configure
 from tests.test_relay import fetch_stream, wait_for
@@ -130,6 +130,14 @@ async def test_security_headers_and_no_inline_code(io_loop, make_node, make_prox
         assert static.code == 200 and kind in static.headers["Content-Type"]
 
 
+async def test_a_nul_in_a_static_path_is_not_found(io_loop, make_proxy):
+    proxy = await make_proxy([])
+    for path in ("/static/ui.js%00.png", "/static/%00", "/static/vendor/%00/x.js"):
+        response = await get(proxy.url + path)
+        assert response.code == 404, path
+    assert (await get(proxy.url + "/static/ui.js")).code == 200
+
+
 async def test_names_models_and_errors_are_escaped(io_loop, make_node, make_proxy):
     evil = '<img src=x onerror="alert(1)">&'
     a = await make_node()
@@ -179,15 +187,26 @@ async def test_state_json_is_what_the_page_polls(io_loop, make_node, make_proxy)
     assert (node["slots"], node["weight"]) == (4, 1.0)
     assert set(state["queue"]) == {"depth", "limit", "max_wait", "oldest_wait", "queued_total",
                                    "rejected_total", "average_wait"}
+    # The strings the page shows, ready made: its script formats nothing.
+    assert state["display"] == {"summary": "All nodes serving", "tone": "ok", "serving": "1",
+                                "capacity": "4", "queue_oldest": "—", "queue_average": "—",
+                                "queue_max_wait": "2m 00s"}
+    assert set(node["display"]) == {"since", "pool", "latency", "spark", "weight",
+                                    "weight_label"}
+    assert (node["display"]["weight"], node["display"]["weight_label"]) == ("1", "")
+    assert re.fullmatch(r"\d+s", node["display"]["since"])
+    assert re.fullmatch(r"\d+ ms|<1 ms", node["display"]["latency"])
     await a.stop()
     await wait_for(lambda: proxy.node(a).status == "standby", timeout=3)
     state = json.loads((await get(proxy.url + state_url)).body)
     node = state["nodes"][0]
     assert (node["status"], node["health"]) == ("standby", "unhealthy")
     assert "refused" in node["health_reason"].lower()
+    assert state["display"]["summary"] == "No node is serving"
+    assert state["display"]["tone"] == "bad" and state["display"]["capacity"] == "0"
 
 
-def test_formats_match_the_script():
+def test_display_formats():
     assert ago(100.0, now=142.9) == "42s"
     assert ago(0, now=187) == "3m 07s"
     assert ago(0, now=5 * 3600 + 120) == "5h 02m"
@@ -197,6 +216,7 @@ def test_formats_match_the_script():
     assert latency_text(None) == "—"
     assert latency_text(0.0004) == "<1 ms"
     assert latency_text(0.0123) == "12 ms"
+    assert latency_text(0.0125) == "12 ms"  # half to even, on the page as in the JSON
     assert latency_text(1.5) == "1.50 s"
     assert [wait_text(v) for v in (None, 0.35, 4.25, 17.4, 120, 61.9)] == [
         "—", "350 ms", "4.2 s", "17 s", "2m 00s", "1m 01s"]

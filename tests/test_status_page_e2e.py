@@ -134,6 +134,111 @@ async def test_page_follows_a_node_down_and_back_without_reloading(
     assert problems == []
 
 
+SHOWN = """() => {
+  const shown = {title: document.title};
+  for (const el of document.querySelectorAll("#overall [data-f], main [data-f]")) {
+    const row = el.closest("tr.node");
+    const key = (row ? `${row.dataset.id}:` : "") + el.dataset.f;
+    shown[key] = el.tagName === "polyline" ? el.getAttribute("points") : el.textContent.trim();
+  }
+  return shown;
+}"""
+
+
+async def test_formats_match_the_script(io_loop, make_node, make_proxy):
+    """What the script writes after a poll is what the server renders, to the
+    character, with figures where rounding could differ (12.5 ms, 4.25 s)."""
+    a = await make_node(["llama3:latest"])
+    b = await make_node(["mistral:7b"])
+    proxy = await make_proxy([a, b], health_interval=3600, max_wait=4.25)
+    expect = require_browser().expect
+    problems: list[str] = []
+    async with chromium() as browser:
+        page = await new_page(browser, problems)
+        await page.goto(proxy.url + "/ui")
+        await expect(page.locator("#live")).to_be_visible()
+        before = await page.evaluate(SHOWN)
+
+        # The state changes after the page was rendered: only a poll shows it.
+        node_a, node_b = proxy.node(a), proxy.node(b)
+        for sample in (0.0125, 0.02, 0.0125):
+            proxy.registry.record_latency(node_a, sample)
+        node_a.latency = 0.0125
+        node_a.since = node_b.since = node_a.since - 3 * 86400 - 1800  # "3d 0h" for a while
+        proxy.ctx.nodes.update(node_b.id, {"weight": 2.5}, partial=True)
+        proxy.registry.busy(node_b, 30)
+        scheduler = proxy.ctx.scheduler
+        scheduler.queued_total, scheduler.wait_seconds_total = 1, 4.25
+        await expect(page.locator(f'tr.node[data-id="{node_b.id}"] [data-f="weight"]')
+                     ).to_have_text("weight 2.5")
+        await expect(page.locator('[data-f="queue-average"]')).not_to_have_text("—")
+        live = await page.evaluate(SHOWN)
+
+        static = await new_page(browser, problems, java_script_enabled=False)
+        await static.goto(proxy.url + "/ui")
+        rendered = await static.evaluate(SHOWN)
+    assert problems == []
+    assert live == rendered
+    assert live != before
+    assert live[f"{node_a.id}:latency"] == "12 ms"
+    assert live["queue-average"] == "4.2 s" and live["queue-max-wait"] == "4.2 s"
+    assert live[f"{node_b.id}:since"] == "3d 0h"
+    assert live[f"{node_b.id}:pool"] == "last resort only"
+    assert live["summary"] == "1 of 2 nodes down" and live["title"] == "1 of 2 nodes down · Aivonx"
+    assert len(live[f"{node_a.id}:spark"].split()) >= 3  # and the probe's own sample
+
+
+async def sign_in(page: Any, proxy: Any) -> None:
+    await page.goto(proxy.url + "/ui/login")
+    await page.get_by_label("Username").fill("root")
+    await page.get_by_label("Password").fill(ROOT_PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_url(proxy.url + "/ui")
+
+
+# Every value a pull's progress bar and byte count are set to, in order.
+RECORD_PULL = """() => {
+  window.bars = [];
+  window.amounts = [];
+  const hook = (proto, name, record) => {
+    const { get, set } = Object.getOwnPropertyDescriptor(proto, name);
+    Object.defineProperty(proto, name, {
+      get, configurable: true,
+      set(value) { record(this, value); set.call(this, value); },
+    });
+  };
+  hook(HTMLProgressElement.prototype, "value", (el, value) => window.bars.push(Number(value)));
+  hook(Node.prototype, "textContent", (el, value) => {
+    if (value && el.classList && el.classList.contains("pull-amount")) window.amounts.push(value);
+  });
+}"""
+
+
+async def test_pull_progress_only_moves_forward(io_loop, make_node, make_proxy):
+    a = await make_node(["llama3:latest"])
+    digest = "sha256:" + "ab" * 32
+    a.layer_lines = [{"status": "pulling ab", "digest": digest, "total": 1000, "completed": c}
+                     for c in (800, 300, 2500, 1000)]  # back, then past the total
+    proxy = await make_proxy([a])
+    expect = require_browser().expect
+    problems: list[str] = []
+    async with chromium() as browser:
+        page = await new_page(browser, problems)
+        await sign_in(page, proxy)
+        await page.evaluate(RECORD_PULL)
+        pull = page.locator("#pull")
+        await pull.get_by_label("Model").fill("gemma3:1b")
+        await pull.get_by_role("button", name="Pull").click()
+        await expect(page.locator("#pull-progress .pull-node.succeeded")).to_have_count(1)
+        bars = await page.evaluate("window.bars")
+        amounts = await page.evaluate("window.amounts")
+    assert problems == []
+    assert a.requests_to("/api/pull")  # the node's lines reached the page
+    assert bars and bars == sorted(bars) and max(bars) <= 1
+    assert amounts and set(amounts) <= {"800 B / 1.0 KB", "1.0 KB / 1.0 KB"}
+    assert amounts[-1] == "1.0 KB / 1.0 KB"
+
+
 async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, make_proxy,
                                                            artifacts_dir):
     a = await make_node(["llama3:latest", "qwen3:8b"])

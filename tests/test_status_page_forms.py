@@ -3,6 +3,7 @@ over plain HTTP as a browser without JavaScript sends them (and as the
 page's script sends them, asking for JSON): session cookie, XSRF, results."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 from http.cookies import SimpleCookie
@@ -376,3 +377,65 @@ def rows_html(html: str, node_id: int) -> str:
     body = html.split('<template id="row-template">')[0]
     return re.search(r'<tr class="node" data-id="%d"[^>]*>(.*?)</tr>' % node_id, body,
                      re.S).group(1)
+
+
+async def test_bad_input_on_the_page_is_refused_not_a_server_error(io_loop, make_node,
+                                                                   make_proxy):
+    a = await make_node()
+    proxy = await make_proxy([a])
+    browser = Browser(proxy)
+    await browser.sign_in()
+    # Digits that are not ASCII ("²" passes str.isdigit()) name no node.
+    for node in ("²", "١", "1²"):
+        response = await browser.post("/ui/pull", {"model": "phi3:mini", "node": node},
+                                      "application/x-ndjson, application/json")
+        assert response.code == 404, node
+        assert json.loads(response.body) == {"ok": False, "message": "No such node."}
+    assert a.requests_to("/api/pull") == []
+    # A flash cookie nested too deeply to decode is dropped; the page still shows.
+    nested = base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode()
+    for visitor, path in ((browser, "/ui"), (Browser(proxy), "/ui/login")):
+        visitor.cookies["aivonx_flash"] = nested
+        response = await visitor.request("GET", path)
+        assert response.code == 200, path
+        assert "aivonx_flash" not in visitor.cookies, path  # cleared
+
+
+async def test_the_form_token_belongs_to_the_session(io_loop, make_node, make_proxy):
+    proxy = await make_proxy([await make_node()])
+    alice, bob = Browser(proxy), Browser(proxy)
+    await alice.sign_in()
+    await bob.sign_in()
+    token = await alice.xsrf()
+    assert token != await bob.xsrf()
+    # Alice's token with Bob's session, even with Alice's XSRF cookie copied too.
+    for cookies in ({"_xsrf": bob.cookies["_xsrf"]}, {"_xsrf": alice.cookies["_xsrf"]}):
+        bob.cookies.update(cookies)
+        response = await bob.request("POST", "/ui/strategy", {"_xsrf": token,
+                                                              "strategy": "round_robin"})
+        assert response.code == 403 and "reload the page" in response.body.decode()
+    assert proxy.ctx.router.strategy == "least_active"
+    # A token issued before signing in (the sign-in page's) is not the session's.
+    carol = Browser(proxy)
+    before = await carol.xsrf("/ui/login")
+    await carol.request("POST", "/ui/login", {"_xsrf": before, "username": "root",
+                                              "password": ROOT_PASSWORD})
+    assert "aivonx_session" in carol.cookies
+    response = await carol.request("POST", "/ui/strategy", {"_xsrf": before,
+                                                            "strategy": "round_robin"})
+    assert response.code == 403
+    assert proxy.ctx.router.strategy == "least_active"
+    # Its own token works, from the form or the script's header; a new session
+    # (signed out and in again) gets a new one and the old one is refused.
+    response = await alice.request("POST", "/ui/strategy", {"_xsrf": token,
+                                                            "strategy": "round_robin"})
+    assert response.code == 302 and proxy.ctx.router.strategy == "round_robin"
+    response = await carol.request("POST", "/ui/strategy", {"strategy": "least_active"},
+                                   "application/json", **{"X-XSRFToken": await carol.xsrf()})
+    assert response.code == 200 and proxy.ctx.router.strategy == "least_active"
+    assert (await alice.post("/ui/logout", {})).code == 302
+    await alice.sign_in()
+    assert await alice.xsrf() != token
+    response = await alice.request("POST", "/ui/strategy", {"_xsrf": token,
+                                                            "strategy": "round_robin"})
+    assert response.code == 403 and proxy.ctx.router.strategy == "least_active"

@@ -13,6 +13,7 @@ import tornado.web
 from .. import store
 from ..context import Context
 from ..errors import ApiError, error_body
+from ..requestid import HEADER as REQUEST_ID_HEADER, request_id
 from ..intake import release_body
 from ..keys import Key
 from ..keys.keyring import KEY_PREFIX
@@ -31,7 +32,8 @@ access_log = logging.getLogger("aivonx.access")
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without a log call per successful request on the hot
-    path: server errors as warnings, everything else only at debug level."""
+    path: server errors as warnings, everything else only at debug level.
+    The fields go to the JSON log as they are (aivonx.logs)."""
     status = handler.get_status()
     if status >= 500:
         level = logging.WARNING
@@ -39,12 +41,39 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         level = logging.DEBUG
     else:
         return
-    access_log.log(level, "%d %s %.2fms", status, handler._request_summary(),
-                   1000.0 * handler.request.request_time())
+    request = handler.request
+    fields = {
+        "request_id": getattr(handler, "request_id", None),
+        "method": request.method,
+        "path": request.path,
+        "node": handler._headers.get("X-Aivonx-Node"),
+        "model": getattr(handler, "log_model", None),
+        "status": status,
+        "duration_ms": round(1000.0 * request.request_time(), 2),
+        "remote_ip": request.remote_ip,
+    }
+    extra = "".join(f" {name}={fields[name]}" for name in ("node", "model")
+                    if fields[name] is not None)
+    access_log.log(level, "%d %s %.2fms id=%s%s", status, handler._request_summary(),
+                   fields["duration_ms"], fields["request_id"], extra,
+                   extra={"fields": fields})
 
 
-class BaseHandler(tornado.web.RequestHandler):
-    # "ollama": {"error": "..."}; "openai": {"error": {"message": ...}}
+class RequestIdMixin:
+    """Every response carries the request's id in X-Request-Id, error
+    answers too (they clear the headers and set the defaults again)."""
+
+    request_id: str | None = None
+
+    def set_default_headers(self) -> None:
+        if self.request_id is None:
+            self.request_id = request_id(self.request.headers.get(REQUEST_ID_HEADER))
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+
+
+class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
+    # "ollama": {"error": "..."}; "openai" and "responses": {"error": {"message": ...}};
+    # "anthropic": {"type": "error", "error": {"type": ..., "message": ...}}
     error_style = "ollama"
     # The largest body this handler reads (aivonx.intake refuses larger ones
     # from their head); None is the server-wide --max-body-size.
@@ -59,6 +88,7 @@ class BaseHandler(tornado.web.RequestHandler):
         return self._ctx
 
     def set_default_headers(self) -> None:
+        super().set_default_headers()
         self.clear_header("Server")
 
     def compute_etag(self) -> None:
@@ -136,6 +166,12 @@ class BaseHandler(tornado.web.RequestHandler):
         # allow_nan=False: clients get strict JSON, never Infinity or NaN.
         self.finish(json.dumps(data, allow_nan=False, separators=(",", ":")))
 
+    def write_encoded_json(self, body: bytes, status: int = 200) -> None:
+        """JSON encoded already (a cached listing)."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(body)
+
     def send_api_error(self, error: ApiError) -> None:
         self.clear()
         self.set_default_headers()
@@ -143,7 +179,8 @@ class BaseHandler(tornado.web.RequestHandler):
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        if error.status >= 500 and self.error_style == "openai":
+        if error.status >= 500 and self.error_style != "ollama":
+            # The openai and anthropic SDKs resend 5xx answers by themselves.
             self.set_header("x-should-retry", "false")
         self.finish(error_body(self.error_style, error.message, error.status))
 
@@ -157,8 +194,17 @@ class BaseHandler(tornado.web.RequestHandler):
             message = "internal error"
         else:
             message = self._reason
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(error_body(self.error_style, message, status_code))
+
+    def allowed_methods(self) -> list[str]:
+        """The methods this handler class answers (RFC 9110 wants them in
+        the `Allow` header of a 405)."""
+        default = tornado.web.RequestHandler
+        return [m for m in self.SUPPORTED_METHODS
+                if getattr(type(self), m.lower(), None) is not getattr(default, m.lower(), None)]
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, tornado.web.HTTPError):
@@ -241,3 +287,9 @@ class NotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         raise ApiError(404, "404 page not found")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # No such resource, whatever the method: even one Tornado does not
+        # know (TRACE) is a 404 here, not a 405 allowing nothing.
+        self.set_status(404)
+        super().write_error(404)

@@ -6,6 +6,7 @@ OpenAPI operation (aivonx.openapi collects them).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -26,27 +27,47 @@ class ManageHandler(BaseHandler):
 
     audited = True
 
+    # A body that is no JSON object is a validation error like any other:
+    # its 400 names `non_field_errors` under `fields`. Ollama's own model
+    # operations keep Ollama's plain `{"error"}`.
+    body_errors_have_fields = True
+
     def prepare(self) -> None:
         if len(self.request.body or b"") > MAX_BODY:
             raise ApiError(413, "request body too large")
+
+    async def json_body(self) -> dict[str, Any]:
+        try:
+            return await super().json_body()
+        except ApiError as exc:
+            if exc.status != 400 or not self.body_errors_have_fields:
+                raise
+            raise nodes.ValidationError({"non_field_errors": exc.message},
+                                        message=exc.message) from None
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, nodes.ValidationError):
             if not self._finished:
                 self.clear()
                 self.set_default_headers()
-                message = "validation failed" if e.status == 400 else "; ".join(e.errors.values())
+                if e.message is not None:
+                    message = e.message
+                elif e.status == 400:
+                    message = "validation failed"
+                else:
+                    message = "; ".join(e.errors.values())
                 self.write_json({"error": message, "fields": e.errors}, e.status)
             return
         super()._handle_request_exception(e)
 
     def int_argument(self, name: str, default: int | None, low: int, high: int) -> int | None:
-        """A query argument as a bounded integer, or a 400 naming it."""
+        """A query argument as a bounded integer, or a 400 naming it. ASCII
+        digits only: `int()` also takes `²`-like digits, and raises on some."""
         text = self.get_query_argument(name, None)
         if text is None or text == "":
             return default
         text = text.strip()
-        if not text.lstrip("-").isdigit() or len(text) > 18:
+        if not _INTEGER.fullmatch(text):
             raise nodes.ValidationError({name: "must be an integer"})
         value = int(text)
         if not low <= value <= high:
@@ -54,11 +75,18 @@ class ManageHandler(BaseHandler):
         return value
 
 
+# At most 40 ASCII digits: int() of a longer text costs more than it tells.
+_INTEGER = re.compile(r"-?[0-9]{1,40}")
+MAX_NODE_ID = 2 ** 63 - 1  # SQLite's largest integer
+
+
 def parse_node_id(text: str) -> int:
-    """A node id from a URL; ids beyond SQLite's integers do not exist."""
-    if len(text) > 18:
+    """A node id from a URL (the route admits ASCII digits only); ids beyond
+    SQLite's integers cannot exist."""
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_NODE_ID)) or int(digits) > MAX_NODE_ID:
         raise ApiError(404, f"node {text[:20]} not found")
-    return int(text)
+    return int(digits)
 
 
 class ProxyStatusHandler(ManageHandler):
@@ -108,14 +136,14 @@ class ActiveRequestsHandler(ManageHandler):
         tags: [state]
         summary: In-flight requests per node
         parameters:
-          - {name: node_id, in: query, required: false, schema: {type: integer}, description: Only this node}
+          - {name: node_id, in: query, required: false, schema: {type: integer, format: int64}, description: Only this node}
         responses:
           200: {description: Requests in flight, content: {application/json: {schema: ActiveRequests}}}
           400: ValidationFailed
           404: NotFound
         """
         registry = self.ctx.registry
-        wanted = self.int_argument("node_id", None, -(2 ** 63), 2 ** 63 - 1)
+        wanted = self.int_argument("node_id", None, -(2 ** 63), MAX_NODE_ID)
         if wanted is None:
             states = sorted(registry.nodes.values(), key=lambda n: n.id)
         elif wanted in registry.nodes:
@@ -192,8 +220,9 @@ class ConfigHandler(ManageHandler):
 
 class NodesHandler(ManageHandler):
     def page_url(self, limit: int, offset: int) -> str:
-        base = f"{self.request.protocol}://{self.request.host}{self.request.path}"
-        return f"{base}?{urlencode({'limit': limit, 'offset': offset})}"
+        """Relative (path and query): the client's Host header is its own
+        word, never echoed back as a link."""
+        return f"{self.request.path}?{urlencode({'limit': limit, 'offset': offset})}"
 
     @admin_required
     def get(self) -> None:
@@ -258,7 +287,7 @@ class NodeHandler(ManageHandler):
         tags: [nodes]
         summary: Get a node
         security: [{bearerAuth: []}]
-        parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
+        parameters: [{name: node_id, in: path, required: true, schema: {type: integer, format: int64, minimum: 1}}]
         responses:
           200: {description: The node, content: {application/json: {schema: Node}}}
           401: Unauthorized
@@ -284,7 +313,7 @@ class NodeHandler(ManageHandler):
           `address` is required; fields left out keep their values. `active: false`
           drains the node. New `slots` and `weight` apply from the next request.
         security: [{bearerAuth: []}]
-        parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
+        parameters: [{name: node_id, in: path, required: true, schema: {type: integer, format: int64, minimum: 1}}]
         requestBody: {required: true, content: {application/json: {schema: NodeInput}}}
         responses:
           200: {description: The node, content: {application/json: {schema: Node}}}
@@ -308,7 +337,7 @@ class NodeHandler(ManageHandler):
           and `weight` apply from the next request; more slots serve waiting
           requests at once.
         security: [{bearerAuth: []}]
-        parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
+        parameters: [{name: node_id, in: path, required: true, schema: {type: integer, format: int64, minimum: 1}}]
         requestBody: {required: true, content: {application/json: {schema: NodePatch}}}
         responses:
           200: {description: The node, content: {application/json: {schema: Node}}}
@@ -326,7 +355,7 @@ class NodeHandler(ManageHandler):
         tags: [nodes]
         summary: Remove a node
         security: [{bearerAuth: []}]
-        parameters: [{name: node_id, in: path, required: true, schema: {type: integer}}]
+        parameters: [{name: node_id, in: path, required: true, schema: {type: integer, format: int64, minimum: 1}}]
         responses:
           204: {description: Removed}
           401: Unauthorized

@@ -9,15 +9,16 @@ against the cluster as against one node.
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from tornado.iostream import StreamClosedError
 
-from .. import modelnames, modelops, pulls
+from .. import modelnames
 from ..auth import admin_required
-from ..registry import NodeState
 from ..context import Context
 from ..errors import ApiError
+from ..modelops import Cancel, NoNodeAvailable, OpResult, UnknownModel
+from ..registry import NodeState
 from .manage import ManageHandler
 from .relayed import check_types
 
@@ -45,25 +46,29 @@ class ModelOpHandler(ManageHandler):
     """Streams lines to the client; closes every upstream connection when
     the client goes away."""
 
+    body_errors_have_fields = False
+
     def initialize(self, ctx: Context) -> None:
         super().initialize(ctx)
-        self.cancel = pulls.Cancel()
+        self.cancel = Cancel()
         self.streaming = False
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         self.cancel.cancel()
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, NoNodeAvailable):
+            e = ApiError(503, "no node is available")
+        elif isinstance(e, UnknownModel):
+            e = ApiError(404, f'model "{e.name[:200]}" not found')
+        super()._handle_request_exception(e)
 
     async def request_body(self) -> dict[str, Any]:
         """The JSON body, with the fields read here of the right types."""
         body = await self.json_body()
         check_types(body, FIELDS)
         return body
-
-    def routable(self) -> list[NodeState]:
-        nodes = sorted(self.ctx.registry.routable(), key=lambda n: n.id)
-        if not nodes:
-            raise ApiError(503, "no node is available")
-        return nodes
 
     async def send_line(self, obj: dict[str, Any]) -> None:
         """One NDJSON line, flushed; the first one commits the answer to a
@@ -84,35 +89,31 @@ class ModelOpHandler(ManageHandler):
         if not self.cancel.cancelled and not self.request.connection.stream.closed():
             self.finish()
 
-    async def progress_op(self, verb: str, path: str, body: dict[str, Any],
-                          targets: list[NodeState], stream: bool, reprobe: bool = True) -> None:
-        """Run a progress-streaming operation on the targets with one merged
-        Ollama stream: success at the end only if every node succeeded."""
-        merger = modelops.ProgressMerger()
+    def stream_wanted(self, body: dict[str, Any]) -> bool:
+        return body.get("stream") is not False
 
-        async def on_line(node: NodeState, line: dict[str, Any]) -> None:
-            out = merger.feed(node, line)
-            if out is not None:
-                await self.send_line(out)
-
-        results = await pulls.call_nodes(self.ctx, targets, "POST", path,
-                                         {**body, "stream": True},
-                                         on_line if stream else None, self.cancel,
-                                         expect_success=True)
-        if self.cancel.cancelled:
+    async def answer_progress(self, result: OpResult, stream: bool) -> None:
+        """The end of a merged progress stream: success only if every node
+        succeeded; a refusal every node made alike keeps its status while
+        nothing was sent yet."""
+        if result.cancelled:
             return
-        if reprobe:
-            await modelops.reprobe(self.ctx, targets)
-        refused = modelops.common_refusal(results)
-        if refused and not self.streaming:
-            raise ApiError(*refused)
-        error = modelops.failure_message(verb, targets, {i: r.error for i, r in results.items()})
+        if not result.ok and result.refusal and not self.streaming:
+            raise ApiError(result.status, result.message)
         if not stream:
-            if error:
-                raise ApiError(500, error)
+            if not result.ok:
+                raise ApiError(500, result.error or "")
             self.write_json({"status": "success"})
             return
-        await self.send_line({"error": error} if error else {"status": "success"})
+        await self.send_line({"error": result.error} if not result.ok else {"status": "success"})
+        self.end()
+
+    def answer_empty(self, result: OpResult) -> None:
+        """Copy and delete answer 200 with an empty body, as Ollama does."""
+        if result.cancelled:
+            return
+        if not result.ok:
+            raise ApiError(result.status, result.message)
         self.end()
 
 
@@ -144,11 +145,10 @@ class ProxyPullHandler(ModelOpHandler):
         """
         body = await self.request_body()
         model = _model(body, "model")
-        stream = body.get("stream") is not False
-        insecure = body.get("insecure") is True
+        stream = self.stream_wanted(body)
         wanted = body.get("node_id")
         if wanted is None:
-            targets = self.routable()
+            targets = self.ctx.modelops.serving()
         elif isinstance(wanted, bool) or not isinstance(wanted, int):
             raise ApiError(400, "invalid value for 'node_id': expected an integer")
         elif wanted not in self.ctx.registry.nodes:
@@ -160,25 +160,17 @@ class ProxyPullHandler(ModelOpHandler):
             await self.send_line({"node_id": node.id, "node": node.name,
                                   **{k: v for k, v in line.items() if k not in ("node_id", "node")}})
 
-        on_progress: Callable[[NodeState, dict], Awaitable[None] | None]
-        on_progress = tagged if stream else (lambda node, line: None)
-        results = await pulls.pull(self.ctx, model, targets, on_progress, insecure=insecure,
-                                   cancel=self.cancel)
-        if self.cancel.cancelled:
+        result = await self.ctx.modelops.pull(model, targets, tagged if stream else None,
+                                              insecure=body.get("insecure") is True,
+                                              cancel=self.cancel)
+        if result.cancelled:
             return
-        await modelops.reprobe(self.ctx, targets)
-        error = modelops.failure_message("pull", targets,
-                                         {i: r.get("error") for i, r in results.items()})
-        summary: dict[str, Any] = {
-            "done": True, "model": model, "status": "error" if error else "success",
-            "results": [{"node_id": n.id, "node": n.name, **results[n.id]} for n in targets]}
-        if error:
-            summary["error"] = error
+        summary = result.summary(model)
         if stream:
             await self.send_line(summary)
             self.end()
         else:
-            self.write_json(summary, 502 if error else 200)
+            self.write_json(summary, 200 if result.ok else 502)
 
 
 class PullHandler(ModelOpHandler):
@@ -195,7 +187,11 @@ class PullHandler(ModelOpHandler):
         security: [{bearerAuth: []}]
         requestBody: {required: true, content: {application/json: {schema: OllamaModelInput}}}
         responses:
-          200: {description: Progress (NDJSON) or the result, content: {application/x-ndjson: {schema: OllamaProgress}}}
+          200:
+            description: Progress (NDJSON), or the result with `stream` false
+            content:
+              application/x-ndjson: {schema: OllamaProgress}
+              application/json: {schema: OllamaProgress}
           400: BadRequest
           401: Unauthorized
           500: ServerError
@@ -203,8 +199,10 @@ class PullHandler(ModelOpHandler):
         """
         body = await self.request_body()
         _model(body)
-        await self.progress_op("pull", "/api/pull", body, self.routable(),
-                               body.get("stream") is not False)
+        stream = self.stream_wanted(body)
+        result = await self.ctx.modelops.ollama_pull(body, self.send_line if stream else None,
+                                                     self.cancel)
+        await self.answer_progress(result, stream)
 
 
 class CreateHandler(ModelOpHandler):
@@ -217,23 +215,23 @@ class CreateHandler(ModelOpHandler):
         security: [{bearerAuth: []}]
         requestBody: {required: true, content: {application/json: {schema: OllamaCreateInput}}}
         responses:
-          200: {description: Progress (NDJSON) or the result, content: {application/x-ndjson: {schema: OllamaProgress}}}
+          200:
+            description: Progress (NDJSON), or the result with `stream` false
+            content:
+              application/x-ndjson: {schema: OllamaProgress}
+              application/json: {schema: OllamaProgress}
           400: BadRequest
           401: Unauthorized
+          404: NotFound
           500: ServerError
           503: Unavailable
         """
         body = await self.request_body()
         _model(body)
-        source = body.get("from")
-        targets = []
-        if source:
-            try:
-                targets = modelops.having(self.ctx, source)
-            except modelnames.InvalidModelName:
-                pass  # a file path or blob: every node
-        await self.progress_op("create", "/api/create", body, targets or self.routable(),
-                               body.get("stream") is not False)
+        stream = self.stream_wanted(body)
+        result = await self.ctx.modelops.create(body, self.send_line if stream else None,
+                                                self.cancel)
+        await self.answer_progress(result, stream)
 
 
 class PushHandler(ModelOpHandler):
@@ -246,7 +244,11 @@ class PushHandler(ModelOpHandler):
         security: [{bearerAuth: []}]
         requestBody: {required: true, content: {application/json: {schema: OllamaModelInput}}}
         responses:
-          200: {description: Progress (NDJSON) or the result, content: {application/x-ndjson: {schema: OllamaProgress}}}
+          200:
+            description: Progress (NDJSON), or the result with `stream` false
+            content:
+              application/x-ndjson: {schema: OllamaProgress}
+              application/json: {schema: OllamaProgress}
           400: BadRequest
           401: Unauthorized
           404: NotFound
@@ -254,11 +256,10 @@ class PushHandler(ModelOpHandler):
         """
         body = await self.request_body()
         model = _model(body)
-        nodes = modelops.having(self.ctx, model)
-        if not nodes:
-            raise ApiError(404, f'model "{model[:200]}" not found')
-        await self.progress_op("push", "/api/push", body, [modelops.newest_copy(nodes, model)],
-                               body.get("stream") is not False, reprobe=False)
+        stream = self.stream_wanted(body)
+        result = await self.ctx.modelops.push(body, model, self.send_line if stream else None,
+                                              self.cancel)
+        await self.answer_progress(result, stream)
 
 
 class CopyHandler(ModelOpHandler):
@@ -278,30 +279,13 @@ class CopyHandler(ModelOpHandler):
           500: ServerError
         """
         body = await self.request_body()
-        names = {}
         for role in ("source", "destination"):
             value = body.get(role) or ""
             try:
                 modelnames.canonical(value)
             except modelnames.InvalidModelName:
                 raise ApiError(400, f'{role} "{value[:200]}" is invalid') from None
-            names[role] = value
-        targets = modelops.having(self.ctx, names["source"])
-        if not targets:
-            raise ApiError(404, f'model "{names["source"][:200]}" not found')
-        results = await pulls.call_nodes(self.ctx, targets, "POST", "/api/copy", body, None,
-                                         self.cancel, expect_success=False)
-        if self.cancel.cancelled:
-            return
-        await modelops.reprobe(self.ctx, targets)
-        refused = modelops.common_refusal(results)
-        if refused:
-            raise ApiError(*refused)
-        error = modelops.failure_message("copy", targets,
-                                         {i: r.error for i, r in results.items()})
-        if error:
-            raise ApiError(500, error)
-        self.end()
+        self.answer_empty(await self.ctx.modelops.copy(body, body["source"], self.cancel))
 
 
 class DeleteHandler(ModelOpHandler):
@@ -324,17 +308,4 @@ class DeleteHandler(ModelOpHandler):
         """
         body = await self.request_body()
         _model(body)
-        targets = self.routable()
-        results = await pulls.call_nodes(self.ctx, targets, "DELETE", "/api/delete", body, None,
-                                         self.cancel, expect_success=False)
-        if self.cancel.cancelled:
-            return
-        await modelops.reprobe(self.ctx, targets)
-        refused = modelops.common_refusal(results)
-        if any(r.ok for r in results.values()):
-            self.end()
-        elif refused:  # e.g. 404 when no node had the model
-            raise ApiError(*refused)
-        else:
-            raise ApiError(500, modelops.failure_message(
-                "delete", targets, {i: r.error for i, r in results.items()}))
+        self.answer_empty(await self.ctx.modelops.delete(body, self.cancel))

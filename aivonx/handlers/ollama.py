@@ -43,7 +43,7 @@ class VersionHandler(BaseHandler):
 
 class TagsHandler(InferenceListing):
     async def get(self) -> None:
-        self.write_json({"models": await self.ctx.listings.tags()})
+        self.write_encoded_json(await self.ctx.listings.tags_json())
 
     async def head(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -61,11 +61,13 @@ class ShowHandler(ModelRelayHandler):
 
 
 class GenerateHandler(ModelRelayHandler):
+    unload_field = "prompt"
     fields = {"prompt": (str,), "suffix": (str,), "system": (str,), "template": (str,),
               "images": (list,), "raw": (bool,), "context": (list,)}
 
 
 class ChatHandler(ModelRelayHandler):
+    unload_field = "messages"
     fields = {"messages": (list,), "tools": (list,)}
 
 

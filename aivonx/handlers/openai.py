@@ -25,11 +25,20 @@ class OpenAIEmbeddingsHandler(OpenAIHandler):
     not_found = 'model "{}" not found, try pulling it first'
 
 
+class ResponsesHandler(OpenAIHandler):
+    """The Responses API, stateless as Ollama serves it; a broken stream ends
+    with the Responses `error` event."""
+
+    error_style = "responses"
+    fields = {"input": (str, list), "instructions": (str,), "tools": (list,),
+              "reasoning": (dict,), "text": (dict,)}
+
+
 class ModelsHandler(InferenceListing):
     error_style = "openai"
 
     async def get(self) -> None:
-        self.write_json(catalog.openai_model_list(await self.ctx.listings.tags()))
+        self.write_encoded_json(await self.ctx.listings.openai_models_json())
 
 
 class ModelHandler(InferenceListing):
@@ -37,7 +46,7 @@ class ModelHandler(InferenceListing):
 
     async def get(self, model: str) -> None:
         try:
-            entry = catalog.find_model(await self.ctx.listings.tags(), model)
+            entry = await self.ctx.listings.find_model(model)
         except modelnames.InvalidModelName:
             entry = None
         if entry is None:

@@ -10,12 +10,13 @@ from typing import Any
 
 from .. import bodyscan, modelnames
 from ..bodyscan import Large
+from ..modelops import Cancel, is_unload
 from ..relay import Exchange
 from ..sink import ClientSink
 from ..router import NoHealthyNode, NoSuchModel
 from ..scheduler import QueueFull, QueueTimeout
 from ..errors import ApiError
-from ..keys import UNKNOWN_MODEL, Meter
+from ..keys import UNKNOWN_MODEL, Key, Meter
 from .base import INLINE_JSON_LIMIT, BaseHandler
 
 # Seconds a client is told to wait when every node is busy or down.
@@ -65,7 +66,12 @@ class ModelRelayHandler(BaseHandler):
     # None: as the error dialect says.
     usage_style: str | None = None
 
+    # The field that, empty with keep_alive 0, makes the request an unload.
+    unload_field: str | None = None
+
     exchange: Exchange | None = None
+    unloading: Cancel | None = None
+    log_model: str | None = None
     client_gone = False
 
     max_body = None  # prompts with images: up to the server-wide limit
@@ -75,6 +81,8 @@ class ModelRelayHandler(BaseHandler):
         self.client_gone = True
         if self.exchange is not None:
             self.exchange.cancel()
+        if self.unloading is not None:
+            self.unloading.cancel()
 
     def model_name(self, body: dict[str, Any]) -> str:
         for field in self.model_fields:
@@ -120,18 +128,36 @@ class ModelRelayHandler(BaseHandler):
             return
         ctx = self.ctx
         ctx.keys.admit(client, key, name)
-        label = ctx.registry.model_label(key)
-        meter = Meter(self.usage_style or self.error_style,
-                      prompt_estimate=len(self.request.body) // 4)
+        self.log_model = ctx.registry.model_label(key)  # also for the access log
+        meter: Meter | None = Meter(self.usage_style or self.error_style,
+                                    prompt_estimate=len(self.request.body) // 4)
+        usage_model = self.log_model
+        try:
+            if self.unload_field is not None and is_unload(body, self.unload_field):
+                if await self.unload(name, key, body):
+                    meter = None  # answered by the proxy: no tokens, no error
+                    return
+            await self.relay(client, name, key, meter, received_at)
+        except NoSuchModel:
+            usage_model = UNKNOWN_MODEL  # never a usage row named by what a client sent
+            raise ApiError(404, self.not_found.format(name[:200])) from None
+        finally:
+            ctx.keys.finish(client, usage_model, meter)
+        if not self.client_gone and not self.request.connection.stream.closed():
+            self.finish()
+
+    async def relay(self, client: Key, name: str, key: str, meter: Meter,
+                    received_at: float) -> None:
+        """Relay to the best node for the model; the proxy's own refusals
+        as errors in the client's dialect."""
+        ctx = self.ctx
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
-                                 self.request.body, model=label, received_at=received_at,
-                                 owner=client.id, priority=client.priority, observer=meter)
+                                 self.request.body, model=self.log_model,
+                                 received_at=received_at, owner=client.id,
+                                 priority=client.priority, observer=meter)
         try:
             await self.exchange.run(key)
-        except NoSuchModel:
-            label = UNKNOWN_MODEL  # never a usage row named by whatever a client sent
-            raise ApiError(404, self.not_found.format(name[:200])) from None
         except NoHealthyNode:
             ctx.metrics.rejected[("no_healthy_node",)] += 1
             raise ApiError(503, f"no node that has model '{name[:200]}' is available; "
@@ -142,6 +168,18 @@ class ModelRelayHandler(BaseHandler):
                            {"Retry-After": str(RETRY_AFTER)}) from None
         finally:
             self.exchange = None  # the exchange points back at this handler
-            ctx.keys.finish(client, label, meter)
-        if not self.client_gone and not self.request.connection.stream.closed():
-            self.finish()
+
+    async def unload(self, name: str, key: str, body: dict[str, Any]) -> bool:
+        """Every node holding the model in memory lets it go, answered once.
+        False when none holds it: the request is relayed as any other."""
+        self.unloading = Cancel()
+        result = await self.ctx.modelops.unload(name, key, self.request.path, body,
+                                                self.unloading)
+        if result is None:
+            return False
+        if result.cancelled:
+            return True
+        if not result.ok:
+            raise ApiError(result.status, result.message)
+        self.write_json(result.answer)
+        return True

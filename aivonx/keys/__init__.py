@@ -163,7 +163,8 @@ class KeyService:
         return now
 
     def finish(self, key: Key, model: str, meter: Meter | None) -> None:
-        """The request is over: free its concurrency slot, count its use."""
+        """The request is over: free its concurrency slot, count its use
+        (`meter` None: answered without a node, nothing used)."""
         self.limits.done(key)
         now = time.time()
         if meter is not None and meter.ended:
@@ -176,7 +177,7 @@ class KeyService:
                 self.metrics.key_tokens[(key.name, "prompt")] += meter.prompt
                 self.metrics.key_tokens[(key.name, "completion")] += meter.completion
         else:
-            self.usage.add(key.id, model, now, error=True)
+            self.usage.add(key.id, model, now, error=meter is not None)
         self.metrics.key_requests[(key.name,)] += 1
 
     def names(self) -> dict[int, str]:

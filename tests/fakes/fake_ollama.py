@@ -9,6 +9,10 @@ records every request it receives, including when its client went away.
 The wire details follow /work/shared/ollama_api.md (sections 1, 4 and 5):
 content types, chunked NDJSON and SSE flushed one line/event at a time, error
 shapes, `stream` defaults, nanosecond durations, `model` echoed verbatim.
+It also serves what newer Ollama serves: `/v1/messages` (Anthropic) and
+`/v1/responses` (OpenAI Responses), translated from native chat chunks as Ollama
+does (tests/fakes/dialects.py); `think`, `tools`, `format` and `logprobs` in
+answers; `HEAD|POST /api/blobs/sha256:<hex>` and `/api/create` with `files`.
 
 Run it alone for benchmarks:
     python -m tests.fakes.fake_ollama --port 11500 --models llama3:latest --chunks 20
@@ -37,6 +41,9 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler
+
+from tests.fakes import dialects
+from tests.fakes.dialects import Turn
 
 DEFAULT_KEEP_ALIVE = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default, 5m
 FOREVER = timedelta(days=365 * 290)  # what a negative keep_alive becomes (Go's max duration)
@@ -72,20 +79,27 @@ class FakeOllama:
       and sent as one body at the end.
     * ``first_byte_delay``: seconds of total silence (no headers) before
       answering a request that loads a model (generate, chat, embed,
-      embeddings, /v1 completions, chat and embeddings), like a model load.
+      embeddings, /v1 completions, chat, embeddings, messages and responses),
+      like a model load.
       A client leaving meanwhile gets what Ollama answers, 499 "request
       canceled", into a closed socket.
     * ``fail_status``/``fail_message``: model-using requests (those above plus
-      show and /v1/models) answer this status and ``{"error": fail_message}``
-      (the OpenAI shape on /v1), after body validation and first_byte_delay.
+      show, /v1/models and blob uploads) answer this status and
+      ``{"error": fail_message}`` (the dialect's own shape on /v1), after body
+      validation and first_byte_delay.
     * ``die_after``: close the TCP connection abruptly once this many chunks
       of an answer have been produced (no final chunk, no chunked-encoding
       terminator; for ``stream: false`` no response at all).
     * ``error_after``: once this many chunks have been produced, end the
       answer with an in-band error as Ollama does after streaming started:
       a final ``{"error": fail_message}`` line (a ``data:`` error event on
-      /v1) on the 200 already sent; a ``stream: false`` answer, not yet
+      /v1, an ``event: error`` on /v1/messages and /v1/responses) on the 200
+      already sent; a ``stream: false`` answer, not yet
       started, is a 500 instead.
+
+    * ``layer_lines``: when set, the layer progress lines pull and push send
+      in place of their two regular layers (e.g. counts that go back or past
+      their total, as a confused registry might send).
 
     ``Recorded.chunks_sent`` counts the NDJSON lines/SSE events written (for
     ``stream: false``, the chunks generated so far).
@@ -93,6 +107,7 @@ class FakeOllama:
 
     models: list[str]  # names as /api/tags shows them, e.g. "llama3:latest"
     loaded: list[str]  # names /api/ps shows
+    blobs: dict[str, bytes]  # uploaded through /api/blobs, by "sha256:<hex>"
     chunks: int
     chunk_delay: float
     first_byte_delay: float
@@ -100,6 +115,7 @@ class FakeOllama:
     fail_message: str
     die_after: int | None
     error_after: int | None
+    layer_lines: list[dict[str, Any]] | None
     requests: MutableSequence[Recorded]  # a bounded deque under --records
     keep_records: bool  # False stops recording (a long benchmark must not grow memory)
 
@@ -156,6 +172,7 @@ class FakeOllama:
         """Forget the records and loaded models; put the knobs back to the constructor's values."""
         self.requests.clear()
         self.loaded = []
+        self.blobs = {}
         self._expires.clear()
         for knob, value in self._defaults.items():
             setattr(self, knob, value)
@@ -163,6 +180,7 @@ class FakeOllama:
         self.fail_message = "injected failure"
         self.die_after = None
         self.error_after = None
+        self.layer_lines = None
 
     def requests_to(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
@@ -367,6 +385,10 @@ class Handler(RequestHandler):
     def _encode(self, event: object) -> bytes:
         return _dumps(event) + b"\n"
 
+    def _stream_error(self, message: str) -> bytes:
+        """How an answer that already began streaming reports a failure."""
+        return self._encode(self._error_body(500, message))
+
     def _json(self, value: object) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.write(_dumps(value))
@@ -438,8 +460,8 @@ class Handler(RequestHandler):
             if failing and not stream:
                 raise ApiError(500, node.fail_message)
             if stream:
-                self.write(self._encode(self._error_body(500, node.fail_message)
-                                        if failing else event))
+                self.write(self._stream_error(node.fail_message) if failing
+                           else self._encode(event))
                 try:
                     await self.flush()
                 except StreamClosedError:
@@ -515,6 +537,49 @@ class Show(Handler):
             "modified_at": MODIFIED_AT})
 
 
+def _think(body: dict) -> bool:
+    """`think` is a bool or a level ("low", "medium", "high")."""
+    value = body.get("think")
+    return bool(value) and value != "false"
+
+
+def _native_turn(body: dict, tokens: list[str]) -> Turn:
+    """The turn a native request asks for: thinking, tool calls, format, logprobs."""
+    tools = [(t["function"].get("name", ""), t["function"].get("parameters"))
+             for t in body.get("tools") or []
+             if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    messages = body.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    top = body.get("top_logprobs")
+    return Turn(tokens, think=_think(body), tools=tools,
+                answered_tool=last.get("role") == "tool", schema=body.get("format") or None,
+                logprobs=(top if isinstance(top, int) else 0) if body.get("logprobs") else None)
+
+
+class ChatTurn(Handler):
+    """Answers built from native chat chunks (/api/chat and the dialects Ollama translates)."""
+
+    def _chat_chunks(self, requested: str, turn: Turn, prompt_tokens: int
+                     ) -> tuple[Iterator[dict[str, Any]], Callable[[], dict[str, Any]]]:
+        """The streamed native chunks, and the whole `stream: false` answer."""
+        def chunk(message: dict, logprobs: list | None = None,
+                  done: bool = False) -> dict[str, Any]:
+            out = {"model": requested, "created_at": _stamp(), "message": message, "done": done}
+            if logprobs is not None:
+                out["logprobs"] = logprobs
+            if done:
+                out.update(done_reason="stop", **self._metrics(prompt_tokens))
+            return out
+
+        def events() -> Iterator[dict[str, Any]]:
+            for message, logprobs in turn.messages():
+                yield chunk(message, logprobs)
+            # built when reached, so its durations are real
+            yield chunk({"role": "assistant", "content": ""}, None, True)
+
+        return events(), lambda: chunk(*turn.whole(), done=True)
+
+
 class Generate(Handler):
     async def post(self) -> None:
         body = self._body()
@@ -528,26 +593,36 @@ class Generate(Handler):
             reason = "unload" if keep_alive == 0 else "load"
             return self._json({"model": requested, "created_at": _stamp(), "response": "",
                                "done": True, "done_reason": reason})
-        tokens = _tokens(self.node.chunks)
+        turn = _native_turn({**body, "tools": None}, _tokens(self.node.chunks))
         prompt_tokens = _words(prompt)
 
-        def chunk(text: str, done: bool = False) -> dict[str, Any]:
+        def chunk(text: str, thinking: str = "", logprobs: list | None = None,
+                  done: bool = False) -> dict[str, Any]:
             out = {"model": requested, "created_at": _stamp(), "response": text, "done": done}
+            if thinking:
+                out["thinking"] = thinking
+            if logprobs is not None:
+                out["logprobs"] = logprobs
             if done:
                 out["done_reason"] = "stop"
                 if not body.get("raw"):
-                    out["context"] = list(range(1, prompt_tokens + len(tokens) + 1))
+                    out["context"] = list(range(1, prompt_tokens + len(turn.content) + 1))
                 out.update(self._metrics(prompt_tokens))
             return out
 
         def events() -> Iterator[dict[str, Any]]:
-            yield from map(chunk, tokens)
-            yield chunk("", True)  # built when reached, so its durations are real
+            for message, logprobs in turn.messages():
+                yield chunk(message["content"], message.get("thinking", ""), logprobs)
+            yield chunk("", done=True)  # built when reached, so its durations are real
 
-        await self._produce(events(), stream, lambda: chunk("".join(tokens), True))
+        def whole() -> dict[str, Any]:
+            message, logprobs = turn.whole()
+            return chunk(message["content"], message.get("thinking", ""), logprobs, True)
+
+        await self._produce(events(), stream, whole)
 
 
-class Chat(Handler):
+class Chat(ChatTurn):
     async def post(self) -> None:
         body = self._body()
         requested = self._model(body)
@@ -561,21 +636,10 @@ class Chat(Handler):
             return self._json({"model": requested, "created_at": _stamp(),
                                "message": {"role": "assistant", "content": ""},
                                "done": True, "done_reason": reason})
-        tokens = _tokens(self.node.chunks)
         prompt_tokens = sum(_words(m.get("content")) for m in messages if isinstance(m, dict))
-
-        def chunk(text: str, done: bool = False) -> dict[str, Any]:
-            out = {"model": requested, "created_at": _stamp(),
-                   "message": {"role": "assistant", "content": text}, "done": done}
-            if done:
-                out.update(done_reason="stop", **self._metrics(prompt_tokens))
-            return out
-
-        def events() -> Iterator[dict[str, Any]]:
-            yield from map(chunk, tokens)
-            yield chunk("", True)  # built when reached, so its durations are real
-
-        await self._produce(events(), stream, lambda: chunk("".join(tokens), True))
+        events, whole = self._chat_chunks(requested, _native_turn(body, _tokens(
+            self.node.chunks)), prompt_tokens)
+        await self._produce(events, stream, whole)
 
 
 def _inputs(value: object) -> list[str] | None:
@@ -633,6 +697,9 @@ class Progress(Handler):
         await self._produce(self._steps(name), stream, lambda: {"status": "success"})
 
     def _layers(self, name: str, verb: str) -> Iterator[dict[str, Any]]:
+        if self.node.layer_lines is not None:
+            yield from (dict(line) for line in self.node.layer_lines)
+            return
         for layer in range(2):
             digest = "sha256:" + hashlib.sha256(f"{name}/{layer}".encode()).hexdigest()
             total = 1_000_000 * (layer + 1)
@@ -657,7 +724,18 @@ class Pull(Progress):
 
 
 class Create(Progress):
+    async def post(self) -> None:
+        files = self._field(self._body(), "files", dict, {})
+        for path, digest in files.items():
+            if not isinstance(digest, str) or _digest(digest) is None:
+                raise ApiError(400, "invalid digest format")
+            if _digest(digest) not in self.node.blobs:
+                raise ApiError(400, f'blob "{digest}" not found: upload it to /api/blobs first')
+        await super().post()
+
     def _steps(self, name: str) -> Iterator[dict[str, Any]]:
+        for digest in self._field(self.record.json, "files", dict, {}).values():
+            yield {"status": f"using existing layer {_digest(digest)}"}
         yield {"status": "reading model metadata"}
         yield {"status": "creating system layer"}
         yield {"status": "writing manifest"}
@@ -696,6 +774,41 @@ class Delete(Handler):
         self.node.models.remove(name)
         self.node._touch(name, 0)
         # 200 with an empty body, as Ollama answers
+
+
+_DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
+
+
+def _digest(value: str) -> str | None:
+    """A blob digest in `sha256:<hex>` form, or None if it is not one (`sha256-` is accepted)."""
+    match = _DIGEST.fullmatch(value)
+    return f"sha256:{match.group(1).lower()}" if match else None
+
+
+class Blob(Handler):
+    """HEAD: is the blob here; POST: store the body under its digest, verified."""
+
+    def _checked(self, digest: str) -> str:
+        checked = _digest(digest)
+        if checked is None:
+            raise ApiError(400, "invalid digest format")
+        return checked
+
+    def head(self, digest: str) -> None:
+        if self._checked(digest) not in self.node.blobs:
+            raise ApiError(404, f'blob "{digest}" not found')
+
+    def post(self, digest: str) -> None:
+        checked = self._checked(digest)
+        if self.node.fail_status is not None:
+            raise ApiError(self.node.fail_status, self.node.fail_message)
+        if checked in self.node.blobs:
+            return  # 200: it exists already
+        actual = "sha256:" + hashlib.sha256(self.request.body).hexdigest()
+        if actual != checked:
+            raise ApiError(400, f'digest mismatch, expected "{checked}", got "{actual}"')
+        self.node.blobs[checked] = self.request.body
+        self.set_status(201)
 
 
 # ---------------------------------------------------------------- OpenAI-compatible /v1
@@ -824,6 +937,96 @@ class OpenAIModel(OpenAIHandler):
         self._json(_openai_model(model, name))
 
 
+class SSEDialect(ChatTurn):
+    """A dialect Ollama translates from native chat chunks into named SSE events."""
+
+    stream_type = "text/event-stream"
+
+    def _encode(self, event: object) -> bytes:
+        kind, data = event
+        return b"event: " + kind.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
+
+
+def _text_words(value: object) -> int:
+    """Words in a string, or in the text parts of a list of content blocks / input items."""
+    if isinstance(value, str):
+        return _words(value)
+    if isinstance(value, list):
+        return sum(_text_words(v.get("text", v.get("content"))) if isinstance(v, dict)
+                   else _text_words(v) for v in value)
+    return 0
+
+
+class AnthropicMessages(SSEDialect):
+    """POST /v1/messages, the Anthropic Messages API as Ollama serves it; errors in
+    Anthropic's shape. A failure after the stream began ends it with an `error` event,
+    as Anthropic's API does."""
+
+    def _error_body(self, status: int, message: str) -> object:
+        return dialects.anthropic_error(status, message)
+
+    def _stream_error(self, message: str) -> bytes:
+        return self._encode(("error", dialects.anthropic_error(500, message)))
+
+    async def post(self) -> None:
+        body = self._body()
+        requested = self._field(body, "model", str, "")
+        if not requested:
+            raise ApiError(400, "model is required")
+        if self._field(body, "max_tokens", int, 0) <= 0:
+            raise ApiError(400, "max_tokens is required and must be positive")
+        messages = self._field(body, "messages", list, [])
+        if not messages:
+            raise ApiError(400, "messages is required")
+        stream = self._field(body, "stream", bool, False)
+        thinking = self._field(body, "thinking", dict, {})
+        name = await self._admit(requested, f"model '{requested}' not found")
+        self.node._touch(name, None)
+        turn = Turn(_tokens(self.node.chunks), think=thinking.get("type") == "enabled",
+                    tools=dialects.anthropic_tools(body.get("tools")),
+                    answered_tool=dialects.anthropic_answered_tool(messages))
+        prompt_tokens = max(1, sum(_text_words(m.get("content")) for m in messages
+                                   if isinstance(m, dict)))
+        chunks, whole = self._chat_chunks(requested, turn, prompt_tokens)
+        msg_id = dialects.message_id()
+        converter = dialects.AnthropicStream(msg_id, requested, prompt_tokens)
+        events = (event for chunk in chunks for event in converter.process(chunk))
+        await self._produce(events, stream,
+                            lambda: dialects.anthropic_message(msg_id, requested, whole()))
+
+
+class OpenAIResponses(SSEDialect):
+    """POST /v1/responses, the stateless OpenAI Responses API as Ollama serves it."""
+
+    converter: dialects.Responses | None = None
+
+    _error_body = OpenAIHandler._error_body
+
+    def _stream_error(self, message: str) -> bytes:
+        assert self.converter is not None
+        return self._encode(self.converter.error_event(message))
+
+    async def post(self) -> None:
+        body = self._body()
+        requested = self._model(body)
+        stream = self._field(body, "stream", bool, False)
+        items = body.get("input")
+        reasoning = self._field(body, "reasoning", dict, {})
+        text_format = (self._field(body, "text", dict, {}).get("format") or {})
+        name = await self._admit(requested, f"model '{requested}' not found")
+        self.node._touch(name, None)
+        schema = text_format.get("schema") if text_format.get("type") == "json_schema" else None
+        turn = Turn(_tokens(self.node.chunks), think=bool(reasoning.get("effort")),
+                    tools=dialects.responses_tools(body.get("tools")),
+                    answered_tool=dialects.responses_answered_tool(items),
+                    schema=schema or ("json" if text_format.get("type") == "json_object"
+                                      else None))
+        chunks, whole = self._chat_chunks(requested, turn, dialects.responses_input_tokens(items))
+        self.converter = converter = dialects.Responses(requested, body)
+        events = (event for chunk in chunks for event in converter.process(chunk))
+        await self._produce(events, stream, lambda: converter.whole(whole()))
+
+
 class Records(Handler):
     """GET /_fake/requests: the recorded requests as JSON, for a process that cannot read
     `FakeOllama.requests` (a benchmark). Times are wall-clock (time.time()) so that they
@@ -849,6 +1052,8 @@ ROUTES: list[tuple[str, type[Handler]]] = [
     (r"/api/delete", Delete), (r"/v1/chat/completions", OpenAIChat),
     (r"/v1/completions", OpenAICompletions), (r"/v1/embeddings", OpenAIEmbeddings),
     (r"/v1/models", OpenAIModels), (r"/v1/models/([^/]+)", OpenAIModel),
+    (r"/v1/messages", AnthropicMessages), (r"/v1/responses", OpenAIResponses),
+    (r"/api/blobs/([^/]+)", Blob),
     (r"/_fake/requests", Records),
 ]
 
