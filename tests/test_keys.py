@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import anthropic
 import ollama
 import openai
 import pytest
@@ -335,3 +336,37 @@ async def test_a_flooding_key_does_not_hold_up_another(io_loop, make_node, make_
     # about twenty turns of arriving, not after A's whole flood.
     assert positions[-1] - started_before <= 2 * 10 + 4, (started_before, positions)
     assert order.index("a199") > positions[-1]
+
+
+async def test_anthropic_and_responses_clients_with_keys_and_their_usage(io_loop, make_node,
+                                                                         make_proxy):
+    node = await make_node([MODEL], chunks=3)
+    proxy = await make_proxy([node])
+    token = await keys_on(proxy)
+    created = await new_key(proxy, token, name="agent")
+    claude = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=created["key"],
+                                      max_retries=0)
+    messages = [{"role": "user", "content": "a b c d"}]
+    message = await claude.messages.create(model="llama3", max_tokens=16, messages=messages)
+    assert message.content[0].text == "tok0 tok1 tok2 "
+    async with claude.messages.stream(model="llama3", max_tokens=16,
+                                      messages=messages) as stream:
+        await stream.get_final_message()
+    without = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="sk-ant-other",
+                                       max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        await without.messages.create(model="llama3", max_tokens=16, messages=messages)
+    assert refused.value.body["error"]["type"] == "authentication_error"
+    rows = await usage(proxy, token, key_id=created["id"])
+    assert (rows[0]["requests"], rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (
+        2, 4 + 4, 3 + 3)
+
+    oa = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=created["key"], max_retries=0)
+    await oa.responses.create(model="llama3", input="a b")
+    async for _ in await oa.responses.create(model="llama3", input="a b", stream=True):
+        pass
+    rows = await usage(proxy, token, key_id=created["id"])
+    assert rows[0]["requests"] == 4 and rows[0]["estimated"] == 0
+    assert rows[0]["completion_tokens"] == 6 + 3 + 3 and rows[0]["prompt_tokens"] == 8 + 2 + 2
+    await claude.close()
+    await without.close()
