@@ -9,8 +9,8 @@ from tornado.httpserver import HTTPServer
 
 from .context import Context
 from .intake import GuardedApplication
-from .handlers import (account, anthropic, base, blobs, docs, forms, keys, manage, metrics,
-                       modelops, ollama, openai, pages)
+from .handlers import (account, anthropic, base, blobs, docs, forms, keypages, keys, manage,
+                       metrics, modelops, ollama, openai, pages)
 from .server import BoundedHTTPServer
 from .settings import Settings
 from .startup import StartupError, check_no_loop
@@ -105,6 +105,8 @@ def routes(ctx: Context) -> list[tuple]:
         (r"/ui/nodes/([0-9]+)/delete", forms.DeleteNodeHandler, args),
         (r"/ui/strategy", forms.StrategyHandler, args),
         (r"/ui/pull", forms.PullFormHandler, args),
+        (r"/ui/keys", keypages.CreateKeyHandler, args),
+        (r"/ui/keys/([0-9]+)/revoke", keypages.RevokeKeyHandler, args),
     ]
 
 
@@ -120,6 +122,7 @@ def make_app(ctx: Context) -> tornado.web.Application:
         compress_response=False,  # streams must reach clients chunk by chunk
         log_function=base.log_request,
         template_path=os.path.join(ROOT, "templates"),
+        ui_modules={"KeysPanel": keypages.KeysPanel},
         static_path=os.path.join(ROOT, "static"),
         static_handler_class=pages.StaticAssetHandler,
         # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The
