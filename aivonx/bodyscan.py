@@ -58,18 +58,24 @@ def _first(buf: bytes, needles: tuple[bytes, ...], start: int, end: int) -> int:
     return best
 
 
+def _seek(buf: bytes, needles: tuple[bytes, ...], pos: int, unterminated: str) -> Iterator[int]:
+    """Yields every WINDOW bytes; returns the index of the next of `needles`."""
+    end = len(buf)
+    while True:
+        found = _first(buf, needles, pos, min(end, pos + WINDOW))
+        if found >= 0:
+            return found
+        if pos + WINDOW >= end:
+            raise ScanError(unterminated)
+        pos += WINDOW
+        yield pos
+
+
 def _string_end(buf: bytes, start: int) -> Iterator[int]:
     """Yields while scanning; returns the index after the closing quote."""
     pos = start + 1
-    end = len(buf)
     while True:
-        found = _first(buf, _IN_STRING, pos, min(end, pos + WINDOW))
-        if found < 0:
-            if pos + WINDOW >= end:
-                raise ScanError("unterminated string")
-            pos += WINDOW
-            yield pos
-            continue
+        found = yield from _seek(buf, _IN_STRING, pos, "unterminated string")
         if buf[found] == ord("\\"):
             pos = found + 2
             continue
@@ -80,15 +86,8 @@ def _container_end(buf: bytes, start: int) -> Iterator[int]:
     """Matching brackets (strings skipped); returns the index after it."""
     stack = [_CLOSES[buf[start]]]
     pos = start + 1
-    end = len(buf)
     while stack:
-        found = _first(buf, _STRUCTURAL, pos, min(end, pos + WINDOW))
-        if found < 0:
-            if pos + WINDOW >= end:
-                raise ScanError("unterminated array or object")
-            pos += WINDOW
-            yield pos
-            continue
+        found = yield from _seek(buf, _STRUCTURAL, pos, "unterminated array or object")
         char = buf[found]
         if char == ord('"'):
             pos = yield from _string_end(buf, found)

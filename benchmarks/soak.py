@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """A bounded soak: minutes of mixed traffic through Aivonx while its nodes are killed, hung,
-slowed and flapped; every request's outcome is classified and the proxy's memory followed.
+slowed and flapped and hostile clients (benchmarks/hostile.py: slow bodies, login bursts,
+48 MB bodies) run alongside; every request's outcome is classified and the proxy's memory
+followed.
 
     python benchmarks/soak.py                    # 10 minutes
     python benchmarks/soak.py --minutes 0.5      # a quick run
@@ -15,8 +17,9 @@ unless the proxy shows another node serving, so that every request could have be
 served by some node: the target is zero lost requests.
 
 The Markdown summary goes to stdout, progress to stderr. The exit status is 0 only if
-nothing was lost, the proxy's memory stayed flat, and in-flight requests and the wait
-queue were back at 0 once the traffic stopped. See benchmarks/README.md.
+nothing was lost, the proxy's memory stayed flat, every hostile client got the expected
+answer, and in-flight requests and the wait queue were back at 0 once the traffic stopped.
+See benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import hostile
 from bench import (Children, Connection, Reply, _exit_on_sigterm, build_request,
                    listening_port, machine_info, node_command, prepare_aivonx,
                    raise_nofile_limit, rss_mb, start_nodes)
@@ -68,6 +72,9 @@ SLOPE_MIN_WINDOW = 60.0  # a slope over less than this is noise: reported, not j
 OTHER_NODE_WAIT = 30.0  # how long a fault waits for another node to be serving
 REJOIN_GRACE = 3.0  # a node running again for this long should be serving (probes every 1 s)
 LOST_SAMPLES = 40  # lost requests described in full
+BODY_TIMEOUT = 2.0  # the proxy's --body-timeout here, so that slow-body clients cycle
+SLOW_CLIENTS = 50
+BIG_BODY_MB = 48.0
 START_ATTEMPTS = 40  # restarts of a node on its port (the port may linger a moment)
 
 COMPLETED = "completed"
@@ -645,10 +652,32 @@ async def settle(run: Run, proxy_pid: int, proxy_port: int) -> tuple[Sample | No
 # ---------------------------------------------------------------- one run
 
 
+def big_kinds(port: int, size: int) -> list[hostile.BigKind]:
+    """The big bodies: a long embedding input, and a generation with a base64 image; their
+    answers are judged as the normal traffic's are."""
+    mb = f"{size / 2 ** 20:g} MB"
+    embed = Kind(f"{mb} /api/embed input", "/api/embed", None, 0,
+                 lambda r: check_json(r, _embedded))
+    generate = Kind(f"{mb} /api/generate image", "/api/generate", None, 0,
+                    lambda r: check_json(r, _generated))
+    return [
+        hostile.BigKind(embed.name, hostile.big_request(
+            port, "/api/embed", {"model": "nomic-embed-text"}, "input", size),
+            lambda r: classify(embed, r)),
+        hostile.BigKind(generate.name, hostile.big_request(
+            port, "/api/generate", {"model": "llama3", "prompt": "hi", "stream": False},
+            "images", size, in_list=True), lambda r: classify(generate, r))]
+
+
 async def soak(duration: float, workers: int, seed: int, nodes_of: Callable[[Run], Nodes],
-               proxy: subprocess.Popen, proxy_port: int) -> tuple[Run, dict]:
+               proxy: subprocess.Popen, proxy_port: int, hostile_plan: hostile.Plan
+               ) -> tuple[Run, dict, hostile.Results]:
     run = Run(time.monotonic(), time.time(), asyncio.Event())
     nodes = nodes_of(run)
+    attackers = hostile.Hostile(
+        hostile_plan, proxy_port, proxy.pid, os.environ["AIVONX_ROOT_PASSWORD"],
+        big_kinds(proxy_port, hostile_plan.big_bytes) if hostile_plan.big_every else [],
+        run.now, run.stop)
     plan = Plan.for_duration(duration)
     every = min(SAMPLE_EVERY, max(1.0, duration / 30))
     stop_at = run.began + duration
@@ -656,6 +685,7 @@ async def soak(duration: float, workers: int, seed: int, nodes_of: Callable[[Run
         f"on, {plan.gap:.1f} s apart")
     faults = asyncio.ensure_future(inject_faults(run, nodes, proxy_port, plan))
     sampling = asyncio.ensure_future(sampler(run, proxy.pid, proxy_port, every, duration))
+    attacks = attackers.tasks()
     try:
         await asyncio.gather(*(worker(run, proxy_port, random.Random(seed * 1000 + i), stop_at)
                                for i in range(workers)))
@@ -663,11 +693,12 @@ async def soak(duration: float, workers: int, seed: int, nodes_of: Callable[[Run
         run.stop.set()
         await faults
         await sampling
+        await asyncio.gather(*attacks)  # each ends by itself, within its own timeouts
         ended, settle_s = await settle(run, proxy.pid, proxy_port)
         final_metrics = await proxy_metrics(proxy_port)
     finally:
         run.stop.set()
-        for task in (faults, sampling):
+        for task in (faults, sampling, *attacks):
             task.cancel()
         nodes.resume_all()
     after = {"traffic_s": traffic_s, "settle_s": settle_s,
@@ -675,7 +706,7 @@ async def soak(duration: float, workers: int, seed: int, nodes_of: Callable[[Run
              "queue_depth": ended.queue_depth if ended else None,
              "rss_mb": ended.rss_mb if ended else None,
              "proxy_alive": proxy.poll() is None, "metrics": final_metrics or {}}
-    return run, after
+    return run, after, attackers.results
 
 
 # ---------------------------------------------------------------- memory and the verdict
@@ -693,8 +724,13 @@ def slope_mb_per_min(points: list[tuple[float, float]]) -> float | None:
     return 60 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
-def memory(samples: list[Sample], duration: float, warmup: float) -> dict:
-    during = [s for s in samples if s.t <= duration + 1]
+def memory(samples: list[Sample], duration: float, warmup: float,
+           big_windows: list[tuple[float, float]] = ()) -> dict:
+    """The flatness figures, from the samples taken while no big body was under way or
+    its memory not yet back (those are reported on their own)."""
+    near_big = {id(s) for s in samples
+                if any(start - 0.5 <= s.t <= end + 0.5 for start, end in big_windows)}
+    during = [s for s in samples if s.t <= duration + 1 and id(s) not in near_big]
     settled = [s for s in during if s.t >= warmup] or during
     second_half = [(s.t, s.rss_mb) for s in during if s.t >= duration / 2]
     window = second_half[-1][0] - second_half[0][0] if second_half else 0.0
@@ -704,7 +740,7 @@ def memory(samples: list[Sample], duration: float, warmup: float) -> dict:
             "last_mb": settled[-1].rss_mb, "growth_mb": settled[-1].rss_mb - base,
             "peak_mb": max(s.rss_mb for s in during),
             "slope_mb_per_min": slope_mb_per_min(second_half), "slope_window_s": window,
-            "samples": len(during)}
+            "samples": len(during), "samples_near_big_bodies": len(near_big)}
 
 
 def out_of_rotation(run: Run, ports: list[int]) -> dict:
@@ -729,9 +765,10 @@ def out_of_rotation(run: Run, ports: list[int]) -> dict:
     return {"node_samples": checked, "out": out, "reasons": dict(reasons.most_common(5))}
 
 
-def verdict(run: Run, mem: dict, after: dict, args: argparse.Namespace) -> list[str]:
+def verdict(run: Run, mem: dict, after: dict, args: argparse.Namespace,
+            attacked: hostile.Results | None = None) -> list[str]:
     """Why the run failed; empty when it passed."""
-    failures = []
+    failures = [] if attacked is None else attacked.failures()
     if run.total(LOST):
         failures.append(f"{run.total(LOST)} requests lost")
     if mem["growth_mb"] > args.max_growth_mb:
@@ -798,7 +835,9 @@ def attach_log(run: Run, lines: list[tuple[float | None, str]]) -> None:
 # ---------------------------------------------------------------- report
 
 
-def markdown(run: Run, mem: dict, after: dict, failures: list[str], info: dict) -> str:
+def markdown(run: Run, mem: dict, after: dict, failures: list[str], info: dict,
+             attacked: hostile.Results | None = None,
+             hostile_plan: hostile.Plan | None = None) -> str:
     minutes = after["traffic_s"] / 60
     parts = [f"## Soak: {minutes:.1f} min of mixed traffic through Aivonx with faults", "",
              f"Command: `{info['command']}`", "",
@@ -846,7 +885,11 @@ def markdown(run: Run, mem: dict, after: dict, failures: list[str], info: dict) 
                  + ("" if judged else " (too short to judge)"))
               + f" | {_mb(after['rss_mb'])} |", "",
               f"{mem['samples']} samples; peak including the warm-up "
-              f"{mem['peak_mb']:.1f} MB."]
+              f"{mem['peak_mb']:.1f} MB"
+              + (f"; {mem['samples_near_big_bodies']} samples taken near a big body left "
+                 f"out (see below)." if mem.get("samples_near_big_bodies") else ".")]
+    if attacked is not None and hostile_plan is not None:
+        parts += hostile.markdown(attacked, hostile_plan)
     failure_kinds = {}
     for labels, value in after["metrics"].get("aivonx_request_failures_total", {}).items():
         kind = re.search(r'kind="([^"]*)"', labels)
@@ -882,7 +925,10 @@ def markdown(run: Run, mem: dict, after: dict, failures: list[str], info: dict) 
                          f"{', '.join(lost['faults']) or 'none'}")
             parts += [f"    - `{line}`" for line in lost.get("proxy_log", [])]
     parts += ["", "### Verdict", "",
-              "**PASS**: nothing lost, memory flat, nothing left in flight." if not failures
+              "**PASS**: nothing lost, memory flat, nothing left in flight"
+              + (", hostile clients handled as expected." if hostile_plan is not None and (
+                  hostile_plan.slow_clients or hostile_plan.login_every
+                  or hostile_plan.big_every) else ".") if not failures
               else "**FAIL**: " + "; ".join(failures) + "."]
     return "\n".join(parts)
 
@@ -913,6 +959,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-slope", type=float, default=MAX_SLOPE_MB_PER_MIN,
                         help="RSS slope over the second half, MB/min, that fails the run "
                              f"(default {MAX_SLOPE_MB_PER_MIN:g}; judged from 2 minutes on)")
+    parser.add_argument("--no-hostile", action="store_true",
+                        help="no hostile clients at all (the three flags below together)")
+    parser.add_argument("--no-slow-bodies", action="store_true",
+                        help="no clients that stall or trickle their request bodies")
+    parser.add_argument("--no-login-bursts", action="store_true",
+                        help="no bursts of wrong-password logins")
+    parser.add_argument("--no-big-bodies", action="store_true",
+                        help="no big request bodies")
+    parser.add_argument("--slow-clients", type=int, default=SLOW_CLIENTS,
+                        help=f"slow-body clients at a time (default {SLOW_CLIENTS}; at most 10 "
+                             f"in runs under a minute)")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT,
+                        help=f"the proxy's --body-timeout (default {BODY_TIMEOUT:g} s)")
+    parser.add_argument("--big-body-mb", type=float, default=BIG_BODY_MB,
+                        help=f"size of the big bodies (default {BIG_BODY_MB:g})")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true",
                         help="keep the logs' directory (always kept when the run fails)")
@@ -921,6 +982,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--minutes must be above 0 and at most a day")
     if args.workers < 1 or args.slots < 1:
         parser.error("--workers and --slots must be at least 1")
+    if args.slow_clients < 0 or not 0 < args.body_timeout <= 60 or not 0 < args.big_body_mb <= 512:
+        parser.error("--slow-clients must be at least 0, --body-timeout within (0, 60] and "
+                     "--big-body-mb within (0, 512]")
     return args
 
 
@@ -939,7 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
         node_ports, node_procs = start_nodes(children, workdir, Nodes.args(False), NODES)
         proxy_port, launch = prepare_aivonx(
             children, workdir, node_ports, args.slots,
-            ("--health-interval", "1", "--log-level", "info"))
+            ("--health-interval", "1", "--log-level", "info",
+             "--body-timeout", f"{args.body_timeout:g}"))
         proxy = launch()
         say(f"nodes on ports {node_ports}, aivonx on {proxy_port} (pid {proxy.pid}); "
             f"logs in {workdir}")
@@ -949,10 +1014,15 @@ def main(argv: list[str] | None = None) -> int:
             nodes = Nodes(children, workdir, node_ports, node_procs, run)
             return nodes
 
-        run, after = asyncio.run(soak(duration, args.workers, args.seed, nodes_of, proxy,
-                                      proxy_port))
-        mem = memory(run.samples, duration, warmup)
-        failures = verdict(run, mem, after, args)
+        hostile_plan = hostile.Plan.for_duration(
+            duration, slow=not (args.no_hostile or args.no_slow_bodies),
+            logins=not (args.no_hostile or args.no_login_bursts),
+            big=not (args.no_hostile or args.no_big_bodies), slow_clients=args.slow_clients,
+            body_timeout=args.body_timeout, big_mb=args.big_body_mb)
+        run, after, attacked = asyncio.run(soak(duration, args.workers, args.seed, nodes_of,
+                                                proxy, proxy_port, hostile_plan))
+        mem = memory(run.samples, duration, warmup, attacked.big_windows)
+        failures = verdict(run, mem, after, args, attacked)
         lines = read_log(workdir / "aivonx.log")
         attach_log(run, lines)
         command = "python benchmarks/soak.py " + " ".join(
@@ -962,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         info = {"command": command.strip(), "machine": machine, "slots": args.slots,
                 "workers": args.workers, "log_levels": log_levels(lines),
                 "rotation": out_of_rotation(run, node_ports)}
-        print(markdown(run, mem, after, failures, info))
+        print(markdown(run, mem, after, failures, info, attacked, hostile_plan))
         if args.json:
             Path(args.json).write_text(json.dumps({
                 **info, "minutes": args.minutes, "failures": failures, "memory": mem,
@@ -970,6 +1040,11 @@ def main(argv: list[str] | None = None) -> int:
                 "totals": {o: run.total(o) for o in OUTCOMES}, "refusals": dict(run.refusals),
                 "incomplete_tags": run.incomplete_tags, "lost": run.lost,
                 "faults": [vars(f) for f in run.faults], "actions": dict(run.actions),
+                "hostile": {"plan": vars(hostile_plan),
+                            "slow_bodies": {k: dict(c) for k, c in attacked.slow.items()},
+                            "slow_notes": dict(attacked.slow_notes),
+                            "slow_peak": attacked.slow_peak, "logins": dict(attacked.logins),
+                            "bursts": attacked.bursts, "big_bodies": attacked.big},
                 "samples": [vars(s) for s in run.samples]}, indent=2))
     finally:
         if nodes is not None:

@@ -45,19 +45,31 @@ def test_quick_benchmark_prints_every_table_without_errors() -> None:
 
 
 def test_quick_soak_loses_nothing_and_prints_its_summary() -> None:
-    """18 s of mixed traffic while nodes are killed, hung, slowed and flapped."""
+    """18 s of mixed traffic while nodes are killed, hung, slowed and flapped, next to
+    slow-body clients, a login burst and a 48 MB body."""
     proc = subprocess.Popen([sys.executable, "benchmarks/soak.py", "--minutes", "0.3"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     out, err = finish(proc, 90)
     assert proc.returncode == 0, out + err[-3000:]
     for heading in ("## Soak:", "### Requests", "### Faults", "### Aivonx memory (VmRSS)",
-                    "### After the traffic stopped", "**PASS**"):
+                    "### Hostile clients", "### After the traffic stopped", "**PASS**"):
         assert heading in out, out
     assert re.search(r"^Lost: \*\*0\*\*\.", out, re.M), out
     faults = re.search(r"^\| \*\*total faults\*\* \| \*\*(\d+)\*\* \|$", out, re.M)
     assert faults and int(faults.group(1)) >= 2, out
     assert re.search(r"^- in flight: 0, queue depth: 0 ", out, re.M), out
+    closed = re.findall(r"^\| slow body, [^|]+ \| closed by the proxy after --body-timeout "
+                        r"\| (\d+) \|", out, re.M)
+    assert len(closed) == 3 and all(int(n) >= 1 for n in closed), out
+    assert re.search(r"^\| login burst, 30 at once \| 401 \(wrong password\) \| [1-5] \|",
+                     out, re.M), out
+    assert re.search(r"^\| login burst, 30 at once \| 429 with Retry-After \| 2[5-9] \|",
+                     out, re.M), out
+    assert re.search(r"^\| login burst, 30 at once \| root logged in \(200\) \| 1 \|",
+                     out, re.M), out
+    assert re.search(r"^\| 48 MB /api/embed input \| completed \| 1 \|", out, re.M), out
+    assert "#### 48 MB bodies: Aivonx memory (VmRSS) around each" in out, out
 
 
 def test_fake_node_tells_another_process_when_its_client_left() -> None:
