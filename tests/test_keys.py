@@ -226,7 +226,7 @@ async def test_usage_equals_the_nodes_token_counts(io_loop, make_node, make_prox
     assert rows[0]["requests"] == 6 and rows[0]["estimated"] == 1
     assert rows[0]["completion_tokens"] == 16 + 4 and rows[0]["prompt_tokens"] > 18
     # Grouped by day, as CSV for a spreadsheet.
-    answer = await call(proxy, "GET", f"/api/proxy/usage?group_by=key,day&format=csv",
+    answer = await call(proxy, "GET", "/api/proxy/usage?group_by=key,day&format=csv",
                         token=token)
     assert answer.code == 200 and answer.headers["Content-Type"].startswith("text/csv")
     header, line = answer.text.splitlines()
@@ -370,3 +370,35 @@ async def test_anthropic_and_responses_clients_with_keys_and_their_usage(io_loop
     assert rows[0]["completion_tokens"] == 6 + 3 + 3 and rows[0]["prompt_tokens"] == 8 + 2 + 2
     await claude.close()
     await without.close()
+
+
+async def test_a_key_of_priority_2_gets_two_turns_for_one(io_loop, make_node, make_proxy):
+    node = await make_node([MODEL], chunks=1, chunk_delay=0.01)
+    proxy = await make_proxy([node])
+    token = await keys_on(proxy)
+    state = next(iter(proxy.registry.nodes.values()))
+    await call(proxy, "PATCH", f"/api/proxy/nodes/{state.id}", {"slots": 1}, token)
+    low = (await new_key(proxy, token, name="low"))["key"]
+    high = (await new_key(proxy, token, name="high", priority=2))["key"]
+    http = AsyncHTTPClient(force_instance=True, max_clients=100)
+
+    def send(key: str, text: str):
+        return http.fetch(proxy.url + "/api/generate", method="POST", raise_error=False,
+                          headers={"Authorization": f"Bearer {key}"}, request_timeout=60,
+                          body=json.dumps({"model": "llama3", "prompt": text,
+                                           "stream": False}))
+    requests = [send(low, f"l{i}") for i in range(20)]
+    while proxy.ctx.scheduler.depth < 15:
+        await asyncio.sleep(0.01)
+    requests += [send(high, f"h{i}") for i in range(10)]
+    high_id = proxy.ctx.keys.keyring.check(high).id
+    while sum(1 for w in proxy.ctx.scheduler.waiters if w.owner == high_id) + sum(
+            1 for r in node.requests_to("/api/generate") if r.json["prompt"][0] == "h") < 10:
+        await asyncio.sleep(0.005)
+    assert all(r.code == 200 for r in await asyncio.gather(*requests))
+    http.close()
+    order = [r.json["prompt"][0] for r in node.requests_to("/api/generate")]
+    first_high = order.index("h")
+    served = order[first_high:first_high + 15]
+    # While both wait: two of "high" for each one of "low".
+    assert served.count("h") == 10 and served.count("l") == 5, order
