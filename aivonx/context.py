@@ -14,6 +14,7 @@ from . import store
 from .auth import Auth
 from .dblock import DatabaseLock
 from .intake import BodyBudget
+from .keepalive import KeepAlivePolicy
 from .keys import KeyService
 from .listings import Listings
 from .metrics import Metrics
@@ -26,7 +27,7 @@ from .router import Router
 from .scheduler import Scheduler
 from .settings import Settings
 from .tasks import BackgroundTasks
-from .upstream import node_ssl_context
+from .relay.upstream import node_ssl_context
 
 log = logging.getLogger("aivonx")
 
@@ -67,6 +68,7 @@ class Context:
         self.auth.on_failed_login = lambda username, address, status: self.keys.audit.record(
             username, address, "login failed", status)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
+        self.keep_alive = KeepAlivePolicy()
         self.db: peewee.Database | None = None
         self.db_lock: DatabaseLock | None = None
 
@@ -94,6 +96,7 @@ class Context:
             log.info("no node configured: serving the local Ollama at %s (OLLAMA_HOST or "
                      "its default); add nodes with --node or the API", urls[0])
         self.nodes.load(urls)
+        self.keep_alive.load(store.get_config("keep_alive"))
         self.keys.load()
         self.keys.warn_if_exposed()
 

@@ -132,3 +132,10 @@ def cluster_display(state: dict[str, Any]) -> dict[str, str]:
         "queue_average": wait_text(queue["average_wait"]),
         "queue_max_wait": wait_text(queue["max_wait"]),
     }
+
+
+def keep_alive_text(policy: dict[str, Any]) -> str:
+    """The keep_alive policy in a line, e.g. "30m; nomic-embed-text -1 (enforced)"."""
+    parts = ["as clients ask" if policy["default"] is None else str(policy["default"])]
+    parts += [f"{name} {value}" for name, value in sorted(policy["models"].items())]
+    return "; ".join(parts) + (" (enforced)" if policy["enforce"] else "")

@@ -19,7 +19,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.ioloop import PeriodicCallback
 
 from .registry import NodeState, Registry
-from .resolver import CachingResolver, Networks
+from .relay.resolver import CachingResolver, Networks
 
 log = logging.getLogger("aivonx.monitor")
 

@@ -179,12 +179,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Config": {"type": "object", "properties": {
         "strategy": {"type": "string"},
         "strategies": {"type": "array", "items": {"type": "string"}, "readOnly": True},
+        "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"},
         "inference_auth": INFERENCE_AUTH}},
     "ConfigInput": {"type": "object", "required": ["strategy"],
                     "properties": {"strategy": {"type": "string", "example": "least_active"},
+                                   "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"},
                                    "inference_auth": INFERENCE_AUTH}},
     "ConfigPatch": {"type": "object",
                     "properties": {"strategy": {"type": "string", "example": "round_robin"},
+                                   "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"},
                                    "inference_auth": INFERENCE_AUTH}},
     "ApiKey": {"type": "object", "properties": {
         "id": {"type": "integer"}, "kind": {"type": "string", "enum": ["inference", "admin"]},
@@ -232,6 +235,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "actor": {"type": "string"}, "address": {"type": "string"},
             "action": {"type": "string"}, "status": {"type": "integer"},
             "detail": {"type": "string"}}}}}},
+    "KeepAlivePolicy": {
+        "type": "object", "additionalProperties": False,
+        "description": "How long nodes keep a model loaded: applied to requests to "
+                       "/api/generate, /api/chat, /api/embed and /api/embeddings that set no "
+                       "keep_alive, or to every one with `enforce`. A number is seconds "
+                       "(negative: for ever), a string a duration such as \"5m\" or \"24h\".",
+        "properties": {
+            "default": {"oneOf": [{"type": "number"}, {"type": "string", "maxLength": 40}],
+                        "nullable": True, "example": "30m"},
+            "models": {"type": "object", "maxProperties": 500, "example": {"nomic-embed-text": -1},
+                       "additionalProperties": {"oneOf": [{"type": "number"},
+                                                          {"type": "string", "maxLength": 40}]}},
+            "enforce": {"type": "boolean", "default": False}}},
     "Node": {"type": "object", "properties": {
         "id": {"type": "integer"}, **NODE_FIELDS,
         "created_at": {"type": "string", "format": "date-time"}}},

@@ -11,7 +11,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .resolver import Networks, parse_networks
+from .relay.resolver import Networks, parse_networks
 
 from .logs import LOG_FORMATS
 from .startup import ollama_host

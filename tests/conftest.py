@@ -9,7 +9,7 @@ import pytest
 from tornado.httpserver import HTTPServer
 
 from aivonx.app import Context, bound_port, make_server
-from aivonx.resolver import parse_networks
+from aivonx.relay.resolver import parse_networks
 from aivonx.settings import Settings
 from tests.fakes.fake_ollama import FakeOllama
 from tests.helpers import NodeProcess

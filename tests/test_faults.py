@@ -9,7 +9,8 @@ import json
 import time
 import tracemalloc
 
-from aivonx.relay import Attempt, ConnectionHandle, Exchange
+from aivonx.relay import Attempt, Exchange
+from aivonx.relay.upstream import ConnectionHandle
 from tests.test_relay import GEN, fetch_stream
 
 MAX_QUEUE = 12

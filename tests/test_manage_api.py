@@ -8,7 +8,7 @@ import json
 import ollama
 import pytest
 
-from aivonx.resolver import parse_networks
+from aivonx.relay.resolver import parse_networks
 from tests.api_client import call, login
 from tests.test_relay import wait_for
 

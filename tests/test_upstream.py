@@ -9,7 +9,7 @@ import ollama
 import pytest
 from tornado.iostream import IOStream
 
-from aivonx.upstream import ConnectionPool, pool_key
+from aivonx.relay.upstream import ConnectionPool, pool_key
 from tests.api_client import call, login
 from tests.test_relay import GEN, fetch_stream, wait_for
 

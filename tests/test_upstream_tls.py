@@ -9,7 +9,7 @@ import ollama
 import pytest
 
 from aivonx.settings import parse_settings
-from aivonx.upstream import ConnectionHandle, UpstreamRequest
+from aivonx.relay.upstream import ConnectionHandle, UpstreamRequest
 from tests.test_relay import GEN, fetch_stream
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 
 from .. import nodes, store
 from ..auth import admin_required
+from ..keepalive import PolicyError
 from ..router import STRATEGIES
 from ..status import cluster_state, node_view
 from ..errors import ApiError
@@ -160,6 +161,7 @@ class ActiveRequestsHandler(ManageHandler):
 class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
         return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
+                "keep_alive": self.ctx.keep_alive.as_dict(),
                 "inference_auth": self.ctx.keys.mode}
 
     @admin_required
@@ -181,6 +183,13 @@ class ConfigHandler(ManageHandler):
             raise nodes.ValidationError({"strategy": "this field is required"})
         if "inference_auth" in body:
             self.ctx.keys.check_mode(body["inference_auth"])
+        if "keep_alive" in body:
+            policy = self.ctx.keep_alive
+            try:
+                policy.update(body["keep_alive"])
+            except PolicyError as exc:
+                raise nodes.ValidationError(exc.errors) from None
+            store.set_config("keep_alive", policy.as_dict())
         if "strategy" in body:
             self.ctx.nodes.set_strategy(body["strategy"])
         if "inference_auth" in body:

@@ -61,21 +61,25 @@ class ShowHandler(ModelRelayHandler):
 
 
 class GenerateHandler(ModelRelayHandler):
+    keeps_models_loaded = True
     unload_field = "prompt"
     fields = {"prompt": (str,), "suffix": (str,), "system": (str,), "template": (str,),
               "images": (list,), "raw": (bool,), "context": (list,)}
 
 
 class ChatHandler(ModelRelayHandler):
+    keeps_models_loaded = True
     unload_field = "messages"
     fields = {"messages": (list,), "tools": (list,)}
 
 
 class EmbedHandler(ModelRelayHandler):
+    keeps_models_loaded = True
     fields = {"input": (str, list), "truncate": (bool,), "dimensions": NUMBER}
     not_found = 'model "{}" not found, try pulling it first'
 
 
 class EmbeddingsHandler(ModelRelayHandler):
+    keeps_models_loaded = True
     fields = {"prompt": (str,)}
     not_found = 'model "{}" not found, try pulling it first'

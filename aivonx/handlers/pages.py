@@ -20,7 +20,7 @@ from typing import Any
 import tornado.web
 
 from ..auth import AuthError
-from ..display import SPARK_HEIGHT, SPARK_WIDTH, node_display
+from ..display import SPARK_HEIGHT, SPARK_WIDTH, keep_alive_text, node_display
 from ..router import STRATEGIES
 from ..status import cluster_state
 from .base import BaseHandler, RequestIdMixin
@@ -147,7 +147,8 @@ class PageHandler(BaseHandler):
         namespace = super().get_template_namespace()
         namespace.update(spark_width=SPARK_WIDTH, spark_height=SPARK_HEIGHT,
                          chip_limit=CHIP_LIMIT,
-                         blank_node=BLANK_NODE, state_url="/api/proxy/state")
+                         blank_node=BLANK_NODE, state_url="/api/proxy/state",
+                         keep_alive=keep_alive_text(self.ctx.keep_alive.as_dict()))
         return namespace
 
     def render_status(self, status: int = 200, flash: tuple[str, str] | None = None,

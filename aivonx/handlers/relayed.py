@@ -11,8 +11,7 @@ from typing import Any
 from .. import bodyscan, modelnames
 from ..bodyscan import Large
 from ..modelops import Cancel, is_unload
-from ..relay import Exchange
-from ..sink import ClientSink
+from ..relay import ClientSink, Exchange
 from ..router import NoHealthyNode, NoSuchModel
 from ..scheduler import QueueFull, QueueTimeout
 from ..errors import ApiError
@@ -68,6 +67,8 @@ class ModelRelayHandler(BaseHandler):
 
     # The field that, empty with keep_alive 0, makes the request an unload.
     unload_field: str | None = None
+    # Whether the admins' keep_alive policy (aivonx.keepalive) applies here.
+    keeps_models_loaded = False
 
     exchange: Exchange | None = None
     unloading: Cancel | None = None
@@ -127,6 +128,9 @@ class ModelRelayHandler(BaseHandler):
         if self.client_gone:
             return
         ctx = self.ctx
+        relayed = self.request.body
+        if self.keeps_models_loaded:
+            relayed = ctx.keep_alive.apply(key, body, relayed) or relayed
         ctx.keys.admit(client, key, name)
         self.log_model = ctx.registry.model_label(key)  # also for the access log
         meter: Meter | None = Meter(self.usage_style or self.error_style,
@@ -137,7 +141,7 @@ class ModelRelayHandler(BaseHandler):
                 if await self.unload(name, key, body):
                     meter = None  # answered by the proxy: no tokens, no error
                     return
-            await self.relay(client, name, key, meter, received_at)
+            await self.relay(client, name, key, relayed, meter, received_at)
         except NoSuchModel:
             usage_model = UNKNOWN_MODEL  # never a usage row named by what a client sent
             raise ApiError(404, self.not_found.format(name[:200])) from None
@@ -146,14 +150,14 @@ class ModelRelayHandler(BaseHandler):
         if not self.client_gone and not self.request.connection.stream.closed():
             self.finish()
 
-    async def relay(self, client: Key, name: str, key: str, meter: Meter,
+    async def relay(self, client: Key, name: str, key: str, relayed: bytes, meter: Meter,
                     received_at: float) -> None:
         """Relay to the best node for the model; the proxy's own refusals
         as errors in the client's dialect."""
         ctx = self.ctx
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
-                                 self.request.body, model=self.log_model,
+                                 relayed, model=self.log_model,
                                  received_at=received_at, owner=client.id,
                                  priority=client.priority, observer=meter)
         try:

@@ -21,7 +21,7 @@ from tornado.httpclient import HTTPResponse
 
 from ..registry import NodeState
 from ..relay import IdleWatchdog, describe_failure
-from ..upstream import UpstreamRequest
+from ..relay.upstream import UpstreamRequest
 from .fanout import Cancel, NodeResult
 
 DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")

@@ -20,7 +20,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from ..registry import NodeState
 from ..relay import IdleWatchdog, describe_failure
-from ..upstream import ConnectionHandle, UpstreamRequest
+from ..relay.upstream import ConnectionHandle, UpstreamRequest
 
 # Progress lines are small; a node sending megabytes without a newline is
 # broken, and nothing a node sends is trusted.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tornado.web
 from tornado import httputil
 
-from .errors import error_body, stream_error_chunk
+from ..errors import error_body, stream_error_chunk
 
 # Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset(h.lower() for h in (

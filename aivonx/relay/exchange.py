@@ -6,7 +6,7 @@ ends a broken stream with an explicit error, and closes the upstream
 connection the moment the client goes away (that is what stops the GPU).
 
 AsyncHTTPClient has no public cancel, and closing it only takes effect at
-the next chunk; the client in aivonx.upstream records each request's TCP
+the next chunk; the client in aivonx.relay.upstream records each request's TCP
 stream in a per-request handle, so a cancel closes the socket at once, even
 while the node is silent during a model load.
 """
@@ -23,11 +23,11 @@ from tornado import httputil
 from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
-from .metrics import Metrics
-from .registry import NodeState, Registry
+from ..metrics import Metrics
+from ..registry import NodeState, Registry
 from .resolver import Networks
-from .router import Router, Unroutable
-from .scheduler import Scheduler, Slot
+from ..router import Router, Unroutable
+from ..scheduler import Scheduler, Slot
 from .sink import HOP_BY_HOP, ClientSink, connection_tokens
 from .upstream import ConnectionHandle, UpstreamRequest, make_upstream_client
 
