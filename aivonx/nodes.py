@@ -21,7 +21,7 @@ from . import store
 from .nodeaddr import (DEFAULT_PORT, InvalidAddress, base_url, default_name, parse_node_url,
                        split_address)
 from .registry import NodeState, Registry
-from .router import DEFAULT_STRATEGY, STRATEGIES, Router
+from .router import DEFAULT_LOAD_FACTOR, DEFAULT_STRATEGY, STRATEGIES, Router
 from .tasks import BackgroundTasks
 
 log = logging.getLogger("aivonx.nodes")
@@ -175,10 +175,15 @@ class NodeService:
         self.persist = False  # set once the store is open
 
     # -- start-up --------------------------------------------------------------
-    def load(self, urls: list[str]) -> None:
+    def load(self, urls: list[str], fallback: str | None = None) -> None:
         """Add each --node URL (idempotent across restarts), then bring every
-        stored node and the stored strategy into the registry."""
+        stored node and the stored strategy into the registry. With no node
+        given and none stored, `fallback` (the local Ollama) is served."""
         self.persist = True
+        if not urls and fallback and not store.Node.select().exists():
+            urls = [fallback]
+            log.info("no node configured: serving the local Ollama at %s (OLLAMA_HOST or "
+                     "its default); add nodes with --node or the API", fallback)
         for url in urls:
             address, port = parse_node_url(url)
             if not store.Node.select().where((store.Node.address == address)
@@ -187,6 +192,8 @@ class NodeService:
                 log.info("added node %s:%s", address, port)
         strategy = store.get_config("strategy", DEFAULT_STRATEGY)
         self.router.strategy = strategy if strategy in STRATEGIES else DEFAULT_STRATEGY
+        factor = store.get_config("cache_load_factor", DEFAULT_LOAD_FACTOR)
+        self.router.load_factor = factor if _valid_factor(factor) else DEFAULT_LOAD_FACTOR
         for node in store.Node.select():
             self.sync(node)
 
@@ -264,3 +271,21 @@ class NodeService:
         self.router.strategy = name
         store.set_config("strategy", name)
         log.info("routing strategy is now %s", name)
+
+    def set_load_factor(self, value: Any) -> None:
+        """How far above the mean in-flight load cache_aware lets affinity
+        take a node (see aivonx.router.within_bound), kept across restarts."""
+        if not _valid_factor(value):
+            raise ValidationError({"cache_load_factor": f"must be a number from 1 to "
+                                                        f"{MAX_LOAD_FACTOR:g}"})
+        self.router.load_factor = float(value)
+        store.set_config("cache_load_factor", float(value))
+        log.info("cache_aware load factor is now %g", value)
+
+
+MAX_LOAD_FACTOR = 100.0
+
+
+def _valid_factor(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 1.0 <= value <= MAX_LOAD_FACTOR)

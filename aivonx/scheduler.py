@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Hashable
 from dataclasses import dataclass, field
 
+from .prefix import RoutingHint
 from .registry import NodeState, Registry
 from .router import Router, Unroutable
 
@@ -33,6 +34,7 @@ class Slot:
     node: NodeState
     waited: float = 0.0
     ok: bool = True
+    route: str = ""  # why the router chose the node (X-Aivonx-Route)
 
 
 @dataclass(eq=False)
@@ -42,6 +44,7 @@ class Waiter:
     future: asyncio.Future
     owner: Hashable = None        # whose request: an inference key's id
     since: float = field(default_factory=time.monotonic)
+    hint: RoutingHint | None = None
 
 
 class Scheduler:
@@ -113,20 +116,22 @@ class Scheduler:
             self.turns[owner] = self.priorities.get(owner, 1)
 
     def _free_node(self, key: str, exclude: frozenset[int] | set[int],
-                   eligible: list[NodeState] | None = None) -> NodeState | None:
+                   eligible: list[NodeState] | None = None,
+                   hint: RoutingHint | None = None) -> NodeState | None:
         """The best node for `key` with a free slot, or None when all are
         full. Raises the router's NoSuchModel / NoHealthyNode."""
         if eligible is None:
             eligible = self.router.eligible(key)
         if not any(n.has_free_slot and n.id not in exclude for n in eligible):
             return None
-        for node in self.router.candidates(key, eligible):
+        for node in self.router.candidates(key, eligible, hint):
             if node.id not in exclude and node.has_free_slot:
                 return node
         return None
 
     async def acquire(self, key: str, exclude: set[int] = frozenset(),
-                      abandoned: asyncio.Future | None = None, owner: Hashable = None,
+                      abandoned: asyncio.Future | None = None,
+                      hint: RoutingHint | None = None, owner: Hashable = None,
                       priority: int = 1) -> NodeState | None:
         """A node with a slot reserved for this request. None when every node
         that has the model was tried already (`exclude`), or when the client
@@ -135,7 +140,7 @@ class Scheduler:
         eligible = self.router.eligible(key)
         if all(n.id in exclude for n in eligible):
             return None
-        node = self._free_node(key, exclude, eligible)
+        node = self._free_node(key, exclude, eligible, hint)
         if node is not None:
             self.registry.begin(node)
             return node
@@ -143,7 +148,7 @@ class Scheduler:
             self.rejected_total += 1
             raise QueueFull(f"all nodes are busy and {self.max_queue} requests are waiting")
         waiter = Waiter(key, frozenset(exclude), asyncio.get_running_loop().create_future(),
-                        owner)
+                        owner, hint=hint)
         self._enqueue(waiter, max(1, priority))
         self.queued_total += 1
         self.max_depth_seen = max(self.max_depth_seen, self._depth)
@@ -165,18 +170,21 @@ class Scheduler:
                 self._abandon(waiter)
 
     @asynccontextmanager
-    async def slot(self, key: str, exclude: set[int], abandoned: asyncio.Future | None = None,
-                   owner: Hashable = None, priority: int = 1) -> AsyncIterator[Slot | None]:
+    async def slot(self, key: str, exclude: set[int],
+                   abandoned: asyncio.Future | None = None,
+                   hint: RoutingHint | None = None, owner: Hashable = None,
+                   priority: int = 1) -> AsyncIterator[Slot | None]:
         """Hold a slot of the best free node for `key` (waiting in the queue
         if all are busy) for the duration of the block, and free it after.
         Yields None when every node was tried or the client left; raises
         Unroutable as acquire does."""
         asked = time.monotonic()
-        node = await self.acquire(key, exclude, abandoned, owner, priority)
+        node = await self.acquire(key, exclude, abandoned, hint, owner, priority)
         if node is None:
             yield None
             return
-        held = Slot(node, waited=time.monotonic() - asked)
+        held = Slot(node, waited=time.monotonic() - asked,
+                    route=self.router.chosen(node, key, hint))
         try:
             yield held
         finally:
@@ -213,7 +221,7 @@ class Scheduler:
         for owner, queue in self.queues.items():
             for waiter in queue:
                 try:
-                    node = self._free_node(waiter.key, waiter.exclude)
+                    node = self._free_node(waiter.key, waiter.exclude, hint=waiter.hint)
                 except Unroutable:
                     continue  # its model is gone or down for now: it keeps waiting
                 if node is None:

@@ -85,6 +85,7 @@ def cluster_state(registry: Registry, scheduler: Scheduler, strategy: str) -> di
             "average_wait": _average_wait(scheduler),
         },
         "nodes": views,
+        "cache_affinity": scheduler.router.affinity(),
     }
     state["display"] = cluster_display(state)
     return state

@@ -10,13 +10,7 @@ import ollama
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from aivonx.store import Node
-from tests.test_relay import GEN, fetch_stream, raw_request, wait_for
-
-
-def configure(proxy, fake, **fields) -> None:
-    """Change a node's stored settings the way the management API does."""
-    proxy.ctx.nodes.update(Node.get(Node.port == fake.port).id, fields, partial=True)
+from tests.helpers import GEN, configure, fetch_stream, raw_request, wait_for
 
 
 def overlap(records) -> int:

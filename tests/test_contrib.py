@@ -10,8 +10,8 @@ import re
 import yaml
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.processes import ROOT
-from tests.test_capacity import configure
+from tests.helpers import ROOT
+from tests.helpers import configure
 
 DASHBOARD = os.path.join(ROOT, "contrib", "grafana", "aivonx-dashboard.json")
 PROMETHEUS = os.path.join(ROOT, "contrib", "prometheus", "prometheus.yml")

@@ -11,7 +11,7 @@ import openai
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.api_client import call, login
+from tests.helpers import call, login
 
 MODEL = "llama3:latest"
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.api_client import call, login
-from tests.test_status_page_forms import Browser
+from tests.helpers import Browser, call, login
 
 
 async def test_create_use_and_revoke_a_key_on_the_page(io_loop, make_node, make_proxy):

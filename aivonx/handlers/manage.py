@@ -161,6 +161,7 @@ class ActiveRequestsHandler(ManageHandler):
 class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
         return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
+                "cache_load_factor": self.ctx.router.load_factor,
                 "keep_alive": self.ctx.keep_alive.as_dict(),
                 "inference_auth": self.ctx.keys.mode}
 
@@ -183,6 +184,8 @@ class ConfigHandler(ManageHandler):
             raise nodes.ValidationError({"strategy": "this field is required"})
         if "inference_auth" in body:
             self.ctx.keys.check_mode(body["inference_auth"])
+        if "cache_load_factor" in body:
+            self.ctx.nodes.set_load_factor(body["cache_load_factor"])
         if "keep_alive" in body:
             policy = self.ctx.keep_alive
             try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .. import bodyscan, modelnames
+from .. import bodyscan, modelnames, prefix
 from ..bodyscan import Large
 from ..modelops import Cancel, is_unload
 from ..relay import ClientSink, Exchange
@@ -67,6 +67,8 @@ class ModelRelayHandler(BaseHandler):
 
     # The field that, empty with keep_alive 0, makes the request an unload.
     unload_field: str | None = None
+    # Generations reuse a node's cached prompt prefix (cache_aware routing).
+    prompted = False
     # Whether the admins' keep_alive policy (aivonx.keepalive) applies here.
     keeps_models_loaded = False
 
@@ -133,6 +135,8 @@ class ModelRelayHandler(BaseHandler):
             relayed = ctx.keep_alive.apply(key, body, relayed) or relayed
         ctx.keys.admit(client, key, name)
         self.log_model = ctx.registry.model_label(key)  # also for the access log
+        hint = (prefix.routing_hint(key, body, self.request.headers, self.request.body)
+                if self.prompted and ctx.router.strategy == "cache_aware" else None)
         meter: Meter | None = Meter(self.usage_style or self.error_style,
                                     prompt_estimate=len(self.request.body) // 4)
         usage_model = self.log_model
@@ -141,7 +145,7 @@ class ModelRelayHandler(BaseHandler):
                 if await self.unload(name, key, body):
                     meter = None  # answered by the proxy: no tokens, no error
                     return
-            await self.relay(client, name, key, relayed, meter, received_at)
+            await self.relay(client, name, key, relayed, meter, received_at, hint)
         except NoSuchModel:
             usage_model = UNKNOWN_MODEL  # never a usage row named by what a client sent
             raise ApiError(404, self.not_found.format(name[:200])) from None
@@ -151,7 +155,7 @@ class ModelRelayHandler(BaseHandler):
             self.finish()
 
     async def relay(self, client: Key, name: str, key: str, relayed: bytes, meter: Meter,
-                    received_at: float) -> None:
+                    received_at: float, hint: Any) -> None:
         """Relay to the best node for the model; the proxy's own refusals
         as errors in the client's dialect."""
         ctx = self.ctx
@@ -159,7 +163,7 @@ class ModelRelayHandler(BaseHandler):
                                  self.request.method, self.request.uri, self.request.headers,
                                  relayed, model=self.log_model,
                                  received_at=received_at, owner=client.id,
-                                 priority=client.priority, observer=meter)
+                                 priority=client.priority, observer=meter, hint=hint)
         try:
             await self.exchange.run(key)
         except NoHealthyNode:
