@@ -48,11 +48,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         "path": request.path,
         "node": handler._headers.get("X-Aivonx-Node"),
         "model": getattr(handler, "log_model", None),
+        "key": getattr(handler, "log_key", None),
         "status": status,
         "duration_ms": round(1000.0 * request.request_time(), 2),
         "remote_ip": request.remote_ip,
     }
-    extra = "".join(f" {name}={fields[name]}" for name in ("node", "model")
+    extra = "".join(f" {name}={fields[name]}" for name in ("node", "model", "key")
                     if fields[name] is not None)
     access_log.log(level, "%d %s %.2fms id=%s%s", status, handler._request_summary(),
                    fields["duration_ms"], fields["request_id"], extra,

@@ -75,6 +75,7 @@ class ModelRelayHandler(BaseHandler):
     exchange: Exchange | None = None
     unloading: Cancel | None = None
     log_model: str | None = None
+    log_key: str | None = None
     client_gone = False
 
     max_body = None  # prompts with images: up to the server-wide limit
@@ -123,6 +124,7 @@ class ModelRelayHandler(BaseHandler):
     async def post(self) -> None:
         received_at = time.monotonic()
         client = self.inference_key()
+        self.log_key = client.name  # for the access log
         body = await self.relay_body()
         check_types(body, {**COMMON_FIELDS, **self.fields})
         name = self.model_name(body)
