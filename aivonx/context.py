@@ -16,6 +16,7 @@ from .auth import Auth
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .keepalive import KeepAlivePolicy
+from .keys import MODES, KeyService
 from .listings import Listings
 from .memtrim import MemoryTrimmer
 from .metrics import Metrics
@@ -69,6 +70,10 @@ class Context:
         self.trimmer = MemoryTrimmer(lambda: self.relay.in_flight,
                                      lambda: self.relay.peak_in_flight, self.relay.reset_peak)
         self.auth = Auth(settings.root_password)
+        self.keys = KeyService(self.metrics)
+        self.keys.host = settings.host
+        self.auth.on_failed_login = lambda username, address, status: self.keys.audit.record(
+            username, address, "login failed", status)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.keep_alive = KeepAlivePolicy()
         self.db: peewee.Database | None = None
@@ -98,16 +103,36 @@ class Context:
                         "once; change it with `python run.py passwd root`)", generated)
         self.nodes.load(self.settings.nodes, fallback=self.settings.local_node)
         self.keep_alive.load(store.get_config("keep_alive"))
+        self.keys.load()
+        self.keys.warn_if_exposed()
 
     async def start(self) -> None:
         """Probe every node once before serving, then keep probing."""
         await self.monitor.probe_all()
         self.monitor.start()
+        self.keys.start()
         self.trimmer.start()
         if self.settings.workers > 1:
             # Admin changes made through the other workers reach this one.
-            self._refresher = PeriodicCallback(self.nodes.refresh, REFRESH_INTERVAL * 1000)
+            self._refresher = PeriodicCallback(self.refresh_from_store,
+                                               REFRESH_INTERVAL * 1000)
             self._refresher.start()
+
+    def refresh_from_store(self) -> None:
+        """A worker of several (aivonx.workers): apply what the others wrote,
+        the nodes and the strategy, the keys and the inference mode (a key
+        revoked through one worker stops working on all of them)."""
+        self.nodes.refresh()
+        keyring = self.keys.keyring
+        before = dict(keyring.by_id)
+        keyring.load()
+        for key_id, key in keyring.by_id.items():
+            old = before.get(key_id)
+            if old is not None:  # when it was last used is known here first
+                key.last_used = max(filter(None, (key.last_used, old.last_used)), default=None)
+        mode = store.get_config("inference_auth", "open")
+        if mode in MODES:
+            self.keys.mode = mode
 
     def close(self) -> None:
         self.tasks.cancel_all()
@@ -117,6 +142,7 @@ class Context:
         self.monitor.stop()
         self.relay.close()
         if self.db is not None:
+            self.keys.close()  # the last usage batch
             self.db.close()
         if self.db_lock is not None:
             self.db_lock.release()

@@ -10,6 +10,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from aivonx import store
+from aivonx.errors import ApiError
 from aivonx.store import StoreError
 from aivonx.workers import inherited_lock, slot_share
 from tests.helpers import run_to_end, start_aivonx, wait_for
@@ -71,3 +72,19 @@ async def test_a_node_changed_elsewhere_is_applied_by_refresh(io_loop, make_node
     store.Node.delete().where(store.Node.id == state.id).execute()
     proxy.ctx.nodes.refresh()
     assert [s.name for s in proxy.registry.nodes.values()] == ["second"]
+
+
+async def test_a_key_revoked_elsewhere_stops_working_after_refresh(io_loop, make_node,
+                                                                   make_proxy):
+    node = await make_node()
+    proxy = await make_proxy([node], workers=2, worker_index=0)
+    _, token = proxy.ctx.keys.keyring.create({"name": "alice"}, None)
+    assert proxy.ctx.keys.identify(token).name == "alice"
+    # Another worker revokes it and requires keys: only the store says so.
+    store.ApiKey.update(revoked_at=store.utcnow()).execute()
+    store.set_config("inference_auth", "keys")
+    proxy.ctx.refresh_from_store()
+    assert proxy.ctx.keys.mode == "keys"
+    with pytest.raises(ApiError) as refused:
+        proxy.ctx.keys.identify(token)
+    assert refused.value.status == 401

@@ -24,7 +24,9 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
 class ManageHandler(BaseHandler):
     """JSON in, JSON out; errors `{"error": ...}`, validation errors with
-    the message of each field under `fields`."""
+    the message of each field under `fields`. Changes are audited."""
+
+    audited = True
 
     # A body that is no JSON object is a validation error like any other:
     # its 400 names `non_field_errors` under `fields`. Ollama's own model
@@ -160,11 +162,12 @@ class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
         return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
                 "cache_load_factor": self.ctx.router.load_factor,
-                "keep_alive": self.ctx.keep_alive.as_dict()}
+                "keep_alive": self.ctx.keep_alive.as_dict(),
+                "inference_auth": self.ctx.keys.mode}
 
     @admin_required
     def get(self) -> None:
-        """The routing configuration.
+        """The routing configuration and who may infer.
         ---
         tags: [config]
         summary: Routing configuration
@@ -179,6 +182,8 @@ class ConfigHandler(ManageHandler):
         body = await self.json_body()
         if "strategy" not in body and not partial:
             raise nodes.ValidationError({"strategy": "this field is required"})
+        if "inference_auth" in body:
+            self.ctx.keys.check_mode(body["inference_auth"])
         if "cache_load_factor" in body:
             self.ctx.nodes.set_load_factor(body["cache_load_factor"])
         if "keep_alive" in body:
@@ -190,6 +195,8 @@ class ConfigHandler(ManageHandler):
             store.set_config("keep_alive", policy.as_dict())
         if "strategy" in body:
             self.ctx.nodes.set_strategy(body["strategy"])
+        if "inference_auth" in body:
+            self.ctx.keys.set_mode(body["inference_auth"])
         self.write_json(self.config())
 
     @admin_required
