@@ -75,11 +75,14 @@ class Context:
     def open_store(self) -> None:
         """StoreError (one line saying why) when the database is in use by
         another process or cannot be opened."""
-        self.db_lock = DatabaseLock(self.settings.db)
+        # Instances share a PostgreSQL database; a SQLite file is one process's.
+        if not store.is_postgres(self.settings.db):
+            self.db_lock = DatabaseLock(self.settings.db)
         try:
             self.db = store.open_database(self.settings.db)
         except store.StoreError:
-            self.db_lock.release()
+            if self.db_lock is not None:
+                self.db_lock.release()
             raise
         generated = self.auth.ensure_root()
         if generated:
@@ -92,6 +95,7 @@ class Context:
                      "its default); add nodes with --node or the API", urls[0])
         self.nodes.load(urls)
         self.keep_alive.load(store.get_config("keep_alive"))
+        store.release_connection()
 
     async def start(self) -> None:
         """Probe every node once before serving, then keep probing."""
@@ -103,6 +107,6 @@ class Context:
         self.monitor.stop()
         self.relay.close()
         if self.db is not None:
-            self.db.close()
+            store.close_database(self.db)
         if self.db_lock is not None:
             self.db_lock.release()

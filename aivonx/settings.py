@@ -130,7 +130,8 @@ def _positive_int(text: str) -> int:
 _SIMPLE_FLAGS = [
     ("--host", "AIVONX_HOST", str, "address to listen on"),
     ("--port", "AIVONX_PORT", _port, "port to listen on"),
-    ("--db", "AIVONX_DB", str, "SQLite database path"),
+    ("--db", "AIVONX_DB", str, "SQLite database path, or postgresql://user:password@host:port/name "
+     "for several instances sharing one configuration"),
     ("--health-interval", "AIVONX_HEALTH_INTERVAL", _positive_float,
      "seconds between node probes"),
     ("--connect-timeout", "AIVONX_CONNECT_TIMEOUT", _positive_float,
