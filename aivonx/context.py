@@ -6,12 +6,16 @@ starts the monitor and closes everything at shutdown.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 
 import peewee
 
 from . import store
 from .auth import Auth
+from .cluster import Cluster, SharedSlots
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .keepalive import KeepAlivePolicy
@@ -66,6 +70,13 @@ class Context:
         self.keep_alive = KeepAlivePolicy()
         self.db: peewee.Database | None = None
         self.db_lock: DatabaseLock | None = None
+        self.instance = settings.instance_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.cluster: Cluster | None = None
+        self._leaving: asyncio.Future | None = None
+        if settings.redis:
+            self.cluster = Cluster(settings.redis, self.instance, self.nodes, self.keep_alive)
+            self.scheduler.shared = SharedSlots(self.cluster)
+            self.nodes.on_change = self.cluster.publish
 
     def _status_changed(self, node: NodeState) -> None:
         if not node.healthy:
@@ -98,14 +109,24 @@ class Context:
         store.release_connection()
 
     async def start(self) -> None:
-        """Probe every node once before serving, then keep probing."""
+        """Join the cluster, probe every node once before serving, then keep
+        probing."""
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.monitor.probe_all()
         self.monitor.start()
+
+    async def wait_closed(self) -> None:
+        """After close(): until the cluster was told this instance left."""
+        if self._leaving is not None:
+            await asyncio.gather(self._leaving, return_exceptions=True)
 
     def close(self) -> None:
         self.tasks.cancel_all()
         self.monitor.stop()
         self.relay.close()
+        if self.cluster is not None:
+            self._leaving = self.cluster.stop()
         if self.db is not None:
             store.close_database(self.db)
         if self.db_lock is not None:

@@ -347,6 +347,11 @@ class NodeService:
         if old_url is not None and (old_url != state.url or not state.enabled):
             self.close_idle(old_url)
 
+    def apply_strategy(self, strategy: Any) -> None:
+        """Another instance stored a new strategy."""
+        if strategy in STRATEGIES:
+            self.router.strategy = strategy
+
     def apply_all(self, nodes: list[store.Node], strategy: Any) -> None:
         """Bring the registry in line with every stored node (after missed
         changes, e.g. while Redis was unreachable)."""
@@ -356,8 +361,7 @@ class NodeService:
                 self.apply_stored(node_id, None)
         for node_id, node in stored.items():
             self.apply_stored(node_id, node)
-        if strategy in STRATEGIES:
-            self.router.strategy = strategy
+        self.apply_strategy(strategy)
 
 
 def check_strategy(name: Any) -> str:

@@ -186,7 +186,7 @@ def offloaded() -> bool:
 
 
 def _in_connection(fn: Callable[..., T], args: tuple) -> T:
-    with database.connection_context():
+    with database.obj.connection_context():
         return fn(*args)
 
 

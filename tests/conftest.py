@@ -49,6 +49,7 @@ class Proxy:
         self.server.stop()
         await self.server.close_all_connections()
         self.ctx.close()
+        await self.ctx.wait_closed()
 
 
 @pytest.fixture

@@ -122,7 +122,8 @@ class StateHandler(ManageHandler):
         responses:
           200: {description: The state, content: {application/json: {schema: State}}}
         """
-        self.write_json(cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy))
+        self.write_json(cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy,
+                              self.ctx.instance, self.ctx.cluster))
 
 
 ACTIVE_FIELDS = ("id", "name", "address", "port", "url", "active_requests", "status",
