@@ -99,12 +99,7 @@ class Context:
         if generated:
             log.warning("created user root with the generated password %s (shown only "
                         "once; change it with `python run.py passwd root`)", generated)
-        urls = self.settings.nodes
-        if not urls and self.settings.local_node and not store.Node.select().exists():
-            urls = [self.settings.local_node]
-            log.info("no node configured: serving the local Ollama at %s (OLLAMA_HOST or "
-                     "its default); add nodes with --node or the API", urls[0])
-        self.nodes.load(urls)
+        self.nodes.load(self.settings.nodes, fallback=self.settings.local_node)
         self.keep_alive.load(store.get_config("keep_alive"))
         store.release_connection()
 

@@ -178,10 +178,15 @@ class NodeService:
         self.on_change: Callable[[str, int | None], None] = lambda kind, key: None
 
     # -- start-up --------------------------------------------------------------
-    def load(self, urls: list[str]) -> None:
+    def load(self, urls: list[str], fallback: str | None = None) -> None:
         """Add each --node URL (idempotent across restarts), then bring every
-        stored node and the stored strategy into the registry."""
+        stored node and the stored strategy into the registry. With no node
+        given and none stored, `fallback` (the local Ollama) is served."""
         self.persist = True
+        if not urls and fallback and not store.Node.select().exists():
+            urls = [fallback]
+            log.info("no node configured: serving the local Ollama at %s (OLLAMA_HOST or "
+                     "its default); add nodes with --node or the API", fallback)
         for url in urls:
             address, port = parse_node_url(url)
             if not store.Node.select().where((store.Node.address == address)

@@ -57,6 +57,13 @@ NODE_FIELDS = {
 }
 
 SCHEMAS: dict[str, dict[str, Any]] = {
+    "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "properties": {"message": {"type": "string"},
+                                         "type": {"type": "string"}}}}},
+    "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
+        "type": {"type": "string", "enum": ["error"]},
+        "error": {"type": "object", "properties": {"type": {"type": "string"},
+                                                   "message": {"type": "string"}}}}},
     "Error": {"type": "object", "required": ["error"],
               "properties": {"error": {"type": "string"}}},
     "ValidationError": {
@@ -254,13 +261,75 @@ TAGS = [
     {"name": "models", "description": "Model operations across the nodes"},
     {"name": "ollama", "description": "Ollama's own model operations, cluster-wide "
                                       "(admin token required)"},
+    {"name": "inference", "description": "Ollama's API and its OpenAI and Anthropic "
+                                         "dialects, relayed to a node that has the model: "
+                                         "the bodies are Ollama's own (see its docs/api.md, "
+                                         "docs/openai.md and Anthropic compatibility page)"},
 ]
+
+# The relayed inference endpoints: (path, method, summary, streamed content type
+# or None, error shape). Bodies and answers are the node's, passed through.
+INFERENCE = [
+    ("/api/generate", "post", "Generate a completion", "application/x-ndjson", "Error"),
+    ("/api/chat", "post", "Chat", "application/x-ndjson", "Error"),
+    ("/api/embed", "post", "Embed inputs", None, "Error"),
+    ("/api/embeddings", "post", "Embed a prompt (older API)", None, "Error"),
+    ("/api/show", "post", "Show a model's details", None, "Error"),
+    ("/v1/chat/completions", "post", "OpenAI chat completions", "text/event-stream",
+     "OpenAIError"),
+    ("/v1/completions", "post", "OpenAI completions", "text/event-stream", "OpenAIError"),
+    ("/v1/embeddings", "post", "OpenAI embeddings", None, "OpenAIError"),
+    ("/v1/responses", "post", "OpenAI Responses API (stateless)", "text/event-stream",
+     "OpenAIError"),
+    ("/v1/messages", "post", "Anthropic Messages API", "text/event-stream", "AnthropicError"),
+]
+# Listings, merged over the nodes that would serve a request now.
+LISTINGS = [
+    ("/api/tags", "Models the cluster serves (HEAD: 200 as Ollama answers)"),
+    ("/api/ps", "Models loaded on the nodes"),
+    ("/api/version", "The oldest node's version (HEAD: 200)"),
+    ("/v1/models", "Models the cluster serves, OpenAI's shape"),
+]
+_ANY_OBJECT = {"type": "object", "additionalProperties": True}
+_KEY_HEADERS = ("Inference requests may carry a key as `Authorization: Bearer <key>` or "
+                "`x-api-key`; it is never forwarded to a node.")
+
+
+def _inference_operations() -> dict[str, dict[str, Any]]:
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, summary, streamed, error in INFERENCE:
+        error_response = {"content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{error}"}}}}
+        answer: dict[str, Any] = {"application/json": {"schema": _ANY_OBJECT}}
+        if streamed:
+            answer[streamed] = {"schema": {"type": "string"}}
+        paths.setdefault(path, {})[method] = {
+            "tags": ["inference"], "summary": summary, "description": _KEY_HEADERS,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["model"], "additionalProperties": True,
+                "properties": {"model": {"type": "string", "example": "llama3"}}}}}},
+            "responses": {
+                "200": {"description": "The node's answer, streamed as it comes",
+                        "content": answer},
+                "400": {"description": "Malformed request", **error_response},
+                "404": {"description": "No node has the model", **error_response},
+                "503": {"description": "The nodes that have the model are down or full "
+                                       "(see Retry-After)", **error_response}}}
+    for path, summary in LISTINGS:
+        ok = {"description": summary,
+              "content": {"application/json": {"schema": _ANY_OBJECT}}}
+        paths.setdefault(path, {})["get"] = {"tags": ["inference"], "summary": summary,
+                                             "responses": {"200": ok}}
+    for path in ("/api/tags", "/api/version"):
+        paths[path]["head"] = {"tags": ["inference"], "summary": "Ollama's HEAD answer",
+                               "responses": {"200": {"description": "OK"}}}
+    return paths
 
 
 def build_spec(routes: Iterable[tuple]) -> dict[str, Any]:
     """The OpenAPI document for the routes whose handlers are documented."""
     spec = APISpec(
-        title="Aivonx management API", version=API_VERSION, openapi_version="3.0.3",
+        title="Aivonx API", version=API_VERSION, openapi_version="3.0.3",
         plugins=[TornadoPlugin()],
         info={"description": "Manage an Aivonx cluster of Ollama nodes. Log in at "
                              "`/api/account/login`, then send `Authorization: Bearer "
@@ -273,4 +342,8 @@ def build_spec(routes: Iterable[tuple]) -> dict[str, Any]:
         spec.components.response(name, response)
     for route in routes:
         spec.path(urlspec=route[:2])
-    return spec.to_dict()
+    document = spec.to_dict()
+    # The Tornado plugin documents handlers from their docstrings; the relayed
+    # endpoints share one handler method, so theirs come from the table.
+    document["paths"].update(_inference_operations())
+    return document

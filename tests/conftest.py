@@ -13,10 +13,9 @@ from aivonx.app import Context, bound_port, make_server
 from aivonx.relay.resolver import parse_networks
 from aivonx.settings import Settings
 from tests.fakes.fake_ollama import FakeOllama
-from tests.helpers import NodeProcess
+from tests.helpers import ROOT_PASSWORD, NodeProcess
 from tests.services import PostgresServer, RedisServer, missing, postgres_bin
 
-ROOT_PASSWORD = "test-root-password"  # user root's password in every test proxy
 LOOPBACK = parse_networks("127.0.0.0/8,::1/128")
 # Aivonx processes the tests start inherit the same fence.
 os.environ["AIVONX_NODE_NETWORKS"] = "127.0.0.0/8,::1/128"

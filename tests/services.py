@@ -19,16 +19,12 @@ import time
 
 import pytest
 
+from tests.helpers import free_port
+
 # PostgreSQL refuses to run as root: it runs as this unprivileged user
 # (.ci/run creates it; the fixture does when it is missing).
 SERVICE_USER = "aivonx-test"
 PG_USER, PG_PASSWORD = "aivonx", "test-pg-password"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def missing(what: str) -> None:

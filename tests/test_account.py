@@ -16,8 +16,8 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from aivonx import auth, store
-from tests.api_client import call, login
-from tests.conftest import ROOT_PASSWORD
+from tests.helpers import call, login
+from tests.helpers import ROOT_PASSWORD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

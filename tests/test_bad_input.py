@@ -1,19 +1,10 @@
 """Bad input gets Ollama's error shape and a 4xx, never a traceback."""
 from __future__ import annotations
 
-import json
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
 
-
-async def call(url: str, method: str = "POST", body: bytes | None = None):
-    client = AsyncHTTPClient(force_instance=True)
-    try:
-        return await client.fetch(url, method=method, body=body, raise_error=False,
-                                  allow_nonstandard_methods=True)
-    finally:
-        client.close()
+from tests.helpers import call
 
 
 @pytest.mark.parametrize("path,body,status,message", [
@@ -41,10 +32,10 @@ async def test_bad_requests_get_ollama_errors(io_loop, make_node, make_proxy, pa
                                               status, message):
     proxy = await make_proxy([await make_node()])
     method = "GET" if body is None else "POST"
-    response = await call(proxy.url + path, method, body)
+    response = await call(proxy, method, path, raw=body)
     assert response.code == status
     assert response.headers["Content-Type"].startswith("application/json")
-    error = json.loads(response.body)["error"]
+    error = response.json["error"]
     assert isinstance(error, str) and message in error
     assert "Traceback" not in error
 
@@ -56,10 +47,10 @@ async def test_wrong_method_is_405_in_ollama_shape(io_loop, make_node, make_prox
                                 ("PUT", "/v1/chat/completions", "POST"),
                                 ("TRACE", "/api/proxy/config", "GET, PATCH, PUT"),
                                 ("POST", "/api/proxy/nodes/1", "GET, DELETE, PATCH, PUT")]:
-        response = await call(proxy.url + path, method, b"{}" if method != "GET" else None)
+        response = await call(proxy, method, path, raw=b"{}" if method != "GET" else None)
         assert response.code == 405, (method, path)
         assert response.headers["Allow"] == allow, (method, path)  # RFC 9110
-        error = json.loads(response.body)["error"]
+        error = response.json["error"]
         if path.startswith("/v1/"):
             error = error["message"]  # OpenAI's shape on the OpenAI API
         assert error == "405 method not allowed"
@@ -67,20 +58,20 @@ async def test_wrong_method_is_405_in_ollama_shape(io_loop, make_node, make_prox
 
 async def test_openai_errors_in_openai_shape(io_loop, make_node, make_proxy):
     proxy = await make_proxy([await make_node()])
-    response = await call(proxy.url + "/v1/chat/completions", "POST", b"{oops")
+    response = await call(proxy, "POST", "/v1/chat/completions", raw=b"{oops")
     assert response.code == 400
-    error = json.loads(response.body)["error"]
+    error = response.json["error"]
     assert error["type"] == "invalid_request_error" and error["param"] is None
 
 
 async def test_root_version_and_head(io_loop, make_node, make_proxy):
     proxy = await make_proxy([await make_node()])
-    root = await call(proxy.url + "/", "GET")
-    assert root.body == b"Ollama is running"
+    root = await call(proxy, "GET", "/")
+    assert root.response.body == b"Ollama is running"
     assert root.headers["Content-Type"] == "text/plain; charset=utf-8"
-    head = await call(proxy.url + "/", "HEAD")
-    assert head.code == 200 and head.body == b""
-    version = await call(proxy.url + "/api/version", "GET")
-    assert json.loads(version.body) == {"version": "0.12.3"}
-    health = await call(proxy.url + "/api/health", "GET")
-    assert json.loads(health.body) == {"status": "healthy"}
+    head = await call(proxy, "HEAD", "/")
+    assert head.code == 200 and head.response.body == b""
+    version = await call(proxy, "GET", "/api/version")
+    assert version.json == {"version": "0.12.3"}
+    health = await call(proxy, "GET", "/api/health")
+    assert health.json == {"status": "healthy"}

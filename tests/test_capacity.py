@@ -11,7 +11,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from aivonx.store import Node
-from tests.test_relay import GEN, fetch_stream, raw_request, wait_for
+from tests.helpers import GEN, fetch_stream, raw_request, wait_for
 
 
 def configure(proxy, fake, **fields) -> None:

@@ -4,36 +4,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import signal
 import sqlite3
 import sys
 
 from tornado.httpclient import AsyncHTTPClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, start_aivonx
 
-
-async def start_aivonx(*args: str, env: dict | None = None):
-    """Start run.py on a free port; returns (process, base URL)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, os.path.join(ROOT, "run.py"), "--port", "0", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **(env or {})}, cwd=ROOT)
-    output = []
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
-        output.append(line)
-        if not line:
-            raise AssertionError("run.py exited: " + "".join(output))
-        match = re.search(r"listening on (http://\S+)", line)
-        if match:
-            return proc, match.group(1)
-
-
-async def stop(proc) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(proc.wait(), 20)
 
 
 async def get_json(url: str):
@@ -44,23 +21,25 @@ async def get_json(url: str):
 async def test_serves_persists_nodes_and_restarts(io_loop, make_node, tmp_path):
     node = await make_node(["llama3:latest"])
     db = str(tmp_path / "cli.db")
-    proc, url = await start_aivonx("--db", db, "--node", node.url, "--node", node.url,
+    proc = await start_aivonx("--db", db, "--node", node.url, "--node", node.url,
                                    "--health-interval", "1")
+    url = proc.url
     try:
         assert url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
         assert await get_json(url + "/api/health") == (200, {"status": "healthy"})
         code, tags = await get_json(url + "/api/tags")
         assert [m["model"] for m in tags["models"]] == ["llama3:latest"]
     finally:
-        assert await stop(proc) == 0
+        assert await proc.stop() == 0
     # Restart without --node: the node comes from the store; given again, it
     # is not duplicated.
-    proc, url = await start_aivonx("--db", db, env={"AIVONX_NODES": node.url})
+    proc = await start_aivonx("--db", db, env={"AIVONX_NODES": node.url})
+    url = proc.url
     try:
         code, tags = await get_json(url + "/api/tags")
         assert [m["model"] for m in tags["models"]] == ["llama3:latest"]
     finally:
-        assert await stop(proc) == 0
+        assert await proc.stop() == 0
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*) from node").fetchone() == (1,)
         assert conn.execute("pragma journal_mode").fetchone() == ("wal",)

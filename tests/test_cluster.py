@@ -14,10 +14,8 @@ from tornado.httpclient import AsyncHTTPClient
 from aivonx.cluster.leases import LEASE_TTL_MS, Leases
 from aivonx.cluster.service import HEARTBEAT
 from aivonx.store import Node
-from tests.api_client import call, login
-from tests.processes import start_aivonx
+from tests.helpers import call, login, start_aivonx, wait_for
 from tests.test_capacity import overlap
-from tests.test_relay import wait_for
 
 
 async def pair(make_proxy, nodes, postgres_url, redis_url, **options):

@@ -10,7 +10,7 @@ import re
 import yaml
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.processes import ROOT
+from tests.helpers import ROOT
 from tests.test_capacity import configure
 
 DASHBOARD = os.path.join(ROOT, "contrib", "grafana", "aivonx-dashboard.json")

@@ -16,19 +16,13 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from aivonx.server import BoundedHTTPServer, connection_cap
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 FD_LIMIT = 64
 
 
 def limited() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_slow_clients_past_the_descriptor_limit(io_loop, node_process, tmp_path):

@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from tests.api_client import call, login
+from tests.helpers import call, login
 from tests.test_fake_ollama_dialects import WEATHER
 from tests.test_model_ops import admin_client
 

@@ -13,51 +13,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import httpx
 import ollama
 import openai
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
-from tests.fakes.fake_ollama import FakeOllama
+from tests.helpers import CHAT, EMBED, fetch, running, wait_for
 
-CHAT = "llama3:latest"
-EMBED = "nomic-embed-text:latest"
 TEXT = "tok0 tok1 tok2 tok3 tok4 "
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@asynccontextmanager
-async def running(models: tuple[str, ...] = (CHAT, EMBED), **options) -> AsyncIterator[
-        tuple[FakeOllama, ollama.AsyncClient, openai.AsyncOpenAI]]:
-    """A started node with an ollama and an openai client pointed at it."""
-    node = await FakeOllama(list(models), **options).start()
-    native = ollama.AsyncClient(host=node.url)
-    compat = openai.AsyncOpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0)
-    try:
-        yield node, native, compat
-    finally:
-        await native.close()
-        await compat.close()
-        await node.stop()
-
-
-async def fetch(url: str, method: str = "GET", body: bytes | dict | None = None,
-                chunks: list | None = None) -> HTTPResponse:
-    """A raw request; with `chunks`, collects (arrival time, bytes) per network chunk."""
-    if isinstance(body, dict):
-        body = json.dumps(body).encode()
-    callback = (lambda c: chunks.append((time.monotonic(), c))) if chunks is not None else None
-    client = AsyncHTTPClient(force_instance=True)
-    try:
-        return await client.fetch(HTTPRequest(
-            url, method=method, body=body, allow_nonstandard_methods=True,
-            streaming_callback=callback), raise_error=False)
-    finally:
-        client.close()
 
 
 async def exchange(port: int, path: str, body: dict) -> tuple[bytes, list[bytes]]:
@@ -78,13 +43,6 @@ async def exchange(port: int, path: str, body: dict) -> tuple[bytes, list[bytes]
         chunks.append(rest[:int(size, 16)])
         assert rest[int(size, 16):int(size, 16) + 2] == b"\r\n"
         rest = rest[int(size, 16) + 2:]
-
-
-async def wait_for(predicate, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 # ---------------------------------------------------------------- plain endpoints

@@ -10,7 +10,7 @@ import ollama
 import openai
 import pytest
 
-from tests.test_fake_ollama import CHAT, fetch, running
+from tests.helpers import CHAT, fetch, running
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",

@@ -11,7 +11,7 @@ import tracemalloc
 
 from aivonx.relay import Attempt, Exchange
 from aivonx.relay.upstream import ConnectionHandle
-from tests.test_relay import GEN, fetch_stream
+from tests.helpers import GEN, fetch_stream
 
 MAX_QUEUE = 12
 

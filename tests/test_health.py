@@ -8,7 +8,7 @@ import time
 import ollama
 import pytest
 
-from tests.test_relay import wait_for
+from tests.helpers import wait_for
 
 
 async def test_dead_node_leaves_within_one_interval_and_returns_with_models(

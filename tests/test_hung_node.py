@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.test_relay import GEN, fetch_stream, wait_for
+from tests.helpers import GEN, fetch_stream, wait_for
 
 
 def lines_of(arrivals) -> list[dict]:

@@ -10,7 +10,7 @@ import tracemalloc
 from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
 
-from tests.test_relay import GEN, fetch_stream, wait_for
+from tests.helpers import GEN, fetch_stream, wait_for
 
 
 async def send_head(port: int, path: str, headers: dict[str, str], body: bytes = b""):

@@ -7,7 +7,7 @@ import ollama
 import pytest
 
 from aivonx.keepalive import KeepAlivePolicy, check_duration
-from tests.api_client import call, login
+from tests.helpers import call, login
 
 
 def last_keep_alive(node, path: str):

@@ -10,24 +10,24 @@ import sqlite3
 import sys
 import textwrap
 
-from tests.test_cli import ROOT, start_aivonx
-from tests.test_relay import GEN, fetch_stream
+from tests.helpers import ROOT, start_aivonx
+from tests.helpers import GEN, fetch_stream
 
 
 async def test_sigterm_lets_in_flight_streams_finish(io_loop, make_node, tmp_path):
     node = await make_node(chunks=15, chunk_delay=0.1)
-    proc, url = await start_aivonx("--db", str(tmp_path / "a.db"), "--node", node.url,
-                                   "--shutdown-grace", "20")
-    streams = [asyncio.ensure_future(fetch_stream(url + "/api/generate", GEN))
+    aivonx = await start_aivonx("--db", str(tmp_path / "a.db"), "--node", node.url,
+                                "--shutdown-grace", "20")
+    streams = [asyncio.ensure_future(fetch_stream(aivonx.url + "/api/generate", GEN))
                for _ in range(3)]
     while sum(r.chunks_sent for r in node.requests_to("/api/generate")) < 3:
         await asyncio.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    aivonx.proc.send_signal(signal.SIGTERM)
     for response, arrivals in await asyncio.gather(*streams):
         lines = b"".join(c for _, c in arrivals).splitlines()
         assert response.code == 200 and len(lines) == 16
         assert json.loads(lines[-1])["done"] is True
-    assert await asyncio.wait_for(proc.wait(), 20) == 0
+    assert await aivonx.stop() == 0
 
 
 WRITER = textwrap.dedent("""

@@ -8,7 +8,7 @@ import time
 import ollama
 import openai
 
-from tests.api_client import call
+from tests.helpers import call
 
 
 async def listed(proxy) -> tuple[set[str], set[str], set[str]]:

@@ -7,7 +7,7 @@ import re
 
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.processes import start_aivonx
+from tests.helpers import start_aivonx
 
 GENERATED = re.compile(r"[0-9a-f]{8}-[0-9a-f]+")
 

@@ -9,8 +9,8 @@ import ollama
 import pytest
 
 from aivonx.relay.resolver import parse_networks
-from tests.api_client import call, login
-from tests.test_relay import wait_for
+from tests.helpers import call, login
+from tests.helpers import wait_for
 
 
 async def generate_on(proxy, model: str = "llama3") -> None:

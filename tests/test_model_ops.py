@@ -11,8 +11,8 @@ import pytest
 
 from aivonx.modelops import NodeResult, ProgressMerger, common_refusal
 from aivonx.registry import NodeState
-from tests.api_client import call, login
-from tests.test_relay import wait_for
+from tests.helpers import call, login
+from tests.helpers import wait_for
 
 
 async def admin_client(proxy) -> ollama.AsyncClient:

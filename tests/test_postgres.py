@@ -9,9 +9,7 @@ import ollama
 import peewee
 
 from aivonx import store
-from tests.conftest import ROOT_PASSWORD
-from tests.processes import start_aivonx
-from tests.api_client import call, login
+from tests.helpers import ROOT_PASSWORD, call, login, start_aivonx
 
 
 async def test_nodes_and_config_live_in_postgresql(io_loop, make_node, make_proxy,

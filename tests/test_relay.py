@@ -9,43 +9,8 @@ import time
 import ollama
 import openai
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.tcpclient import TCPClient
 
-GEN = {"model": "llama3", "prompt": "hi"}
-
-
-async def fetch_stream(url: str, body: dict | bytes, **kwargs):
-    """POST and collect (arrival time, chunk) per network chunk received."""
-    arrivals: list[tuple[float, bytes]] = []
-    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    client = AsyncHTTPClient(force_instance=True)
-    try:
-        response = await client.fetch(HTTPRequest(
-            url, method="POST", body=payload, request_timeout=60,
-            streaming_callback=lambda c: arrivals.append((time.monotonic(), c)),
-            **kwargs), raise_error=False)
-    finally:
-        client.close()
-    return response, arrivals
-
-
-async def raw_request(port: int, path: str, body: dict) -> object:
-    """An HTTP/1.1 request on a bare TCP stream the test can cut at will."""
-    payload = json.dumps(body).encode()
-    stream = await TCPClient().connect("127.0.0.1", port)
-    await stream.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n" % (path.encode(), len(payload)) + payload)
-    return stream
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
+from tests.helpers import GEN, fetch_stream, raw_request, wait_for
 
 async def test_chunks_are_forwarded_one_by_one_as_they_arrive(io_loop, make_node, make_proxy):
     node = await make_node(chunks=6, chunk_delay=0.15)

@@ -8,7 +8,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from tests.test_relay import GEN
+from tests.helpers import GEN
 
 
 class _Tags(tornado.web.RequestHandler):

@@ -10,7 +10,7 @@ import signal
 from tornado.httpclient import AsyncHTTPClient
 
 from aivonx.settings import RELOADABLE, build_parser, parse_settings, read_env_file
-from tests.processes import ROOT, start_aivonx
+from tests.helpers import ROOT, start_aivonx
 
 UNIT = os.path.join(ROOT, "contrib", "systemd", "aivonx.service")
 ENV_EXAMPLE = os.path.join(ROOT, "contrib", "systemd", "aivonx.env")

@@ -10,7 +10,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from aivonx.startup import ollama_host, same_endpoint
-from tests.processes import run_to_end, start_aivonx
+from tests.helpers import free_port, run_to_end, start_aivonx
 
 
 @pytest.mark.parametrize("value, url", [
@@ -59,12 +59,6 @@ async def tag_names(url: str) -> list[str]:
 def stored_nodes(db: str) -> list[tuple[str, int]]:
     with sqlite3.connect(db) as conn:
         return conn.execute("select address, port from node order by id").fetchall()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_no_node_anywhere_serves_the_local_ollama(io_loop, make_node, tmp_path):

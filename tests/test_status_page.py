@@ -12,7 +12,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from aivonx.display import ago, latency_text, overall, spark_points, wait_text
 from aivonx.store import Node
 from tests.test_capacity import configure
-from tests.test_relay import fetch_stream, wait_for
+from tests.helpers import fetch_stream, wait_for
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 

@@ -19,8 +19,8 @@ import ollama
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from tests import api_client as api
-from tests.conftest import ROOT_PASSWORD
+from tests import helpers as api
+from tests.helpers import ROOT_PASSWORD
 
 CHROMIUM = os.environ.get("AIVONX_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

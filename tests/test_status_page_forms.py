@@ -14,8 +14,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.tcpclient import TCPClient
 
 from aivonx.store import Node
-from tests.conftest import ROOT_PASSWORD
-from tests.test_relay import wait_for
+from tests.helpers import ROOT_PASSWORD
+from tests.helpers import wait_for
 
 
 class Browser:

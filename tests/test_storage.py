@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
-import sys
 
 import ollama
 import pytest
 
 from aivonx import store
-from tests.api_client import call, login
-from tests.conftest import ROOT_PASSWORD
-from tests.test_cli import ROOT, start_aivonx, stop
-from tests.test_relay import wait_for
+from tests.helpers import call, login
+from tests.helpers import ROOT_PASSWORD
+from tests.helpers import run_to_end, start_aivonx
+from tests.helpers import wait_for
 
 
 @contextlib.contextmanager
@@ -96,27 +94,19 @@ async def test_a_full_disk_answers_503_saying_so(io_loop, make_proxy):
     assert (await call(proxy, "GET", "/api/proxy/nodes", token=token)).code == 200
 
 
-async def run_to_exit(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, os.path.join(ROOT, "run.py"), "--port", "0", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode, out.decode()
-
-
 async def test_a_second_process_on_one_database_refuses_to_start(io_loop, tmp_path):
     db = str(tmp_path / "shared.db")
-    first, url = await start_aivonx("--db", db)
+    first = await start_aivonx("--db", db)
     try:
-        code, out = await run_to_exit("--db", db)
+        code, out = await run_to_end("--port", "0", "--db", db)
         assert code != 0, out
         assert "is in use by another Aivonx process" in out and "--db" in out, out
         assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
     finally:
-        assert await stop(first) == 0
+        assert await first.stop() == 0
     # Once the first has stopped, the database is free again.
-    second, _ = await start_aivonx("--db", db)
-    assert await stop(second) == 0
+    second = await start_aivonx("--db", db)
+    assert await second.stop() == 0
 
 
 @pytest.mark.parametrize("where", ["under a file", "in /proc"])
@@ -126,7 +116,7 @@ async def test_an_unusable_database_path_ends_in_one_line(io_loop, tmp_path, whe
         db = str(tmp_path / "plain" / "aivonx.db")
     else:
         db = "/proc/aivonx-test.db"   # read-only, even for root
-    code, out = await run_to_exit("--db", db)
+    code, out = await run_to_end("--port", "0", "--db", db)
     assert code != 0, out
     assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
     assert out.startswith(f"aivonx: cannot open the database {db}"), out

@@ -7,7 +7,7 @@ import ollama
 import pytest
 
 from aivonx.modelops import is_unload, keep_alive_is_zero
-from tests.api_client import call
+from tests.helpers import call
 
 
 def unloads(node) -> list:

@@ -10,8 +10,8 @@ import pytest
 from tornado.iostream import IOStream
 
 from aivonx.relay.upstream import ConnectionPool, pool_key
-from tests.api_client import call, login
-from tests.test_relay import GEN, fetch_stream, wait_for
+from tests.helpers import call, login
+from tests.helpers import GEN, fetch_stream, wait_for
 
 
 def idle(proxy, fake) -> list:
@@ -50,7 +50,7 @@ async def test_a_connection_the_node_closed_meanwhile_is_retried_quietly(
 
 async def test_cancelling_a_request_never_returns_its_connection(io_loop, make_node,
                                                                  make_proxy):
-    from tests.test_relay import raw_request, wait_for
+    from tests.helpers import raw_request, wait_for
     node = await make_node(chunks=50, chunk_delay=0.05)
     proxy = await make_proxy([node])
     conn = await raw_request(proxy.port, "/api/generate", GEN)

@@ -8,7 +8,7 @@ from tornado import httputil
 
 from aivonx.relay.upstream import MAX_CHUNK_DIGITS, check_trailer_line, parse_chunk_size
 from tests.fakes.raw_node import RawNode, chunk, chunked_head, generation, response
-from tests.test_relay import wait_for
+from tests.helpers import wait_for
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from aivonx.settings import parse_settings
 from aivonx.relay.upstream import ConnectionHandle, UpstreamRequest
-from tests.test_relay import GEN, fetch_stream
+from tests.helpers import GEN, fetch_stream
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

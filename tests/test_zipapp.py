@@ -9,7 +9,7 @@ import sys
 
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.processes import ROOT, run_to_end, start_aivonx
+from tests.helpers import ROOT, run_to_end, start_aivonx
 
 
 async def test_zipapp_builds_starts_and_serves(io_loop, make_node, tmp_path):

@@ -35,7 +35,7 @@ class BlobHandler(BaseHandler):
         self.digest, self.nodes = digest, nodes
         if self.request.method == "POST":
             self.request.connection.set_max_body_size(MAX_BLOB_SIZE)
-            self.upload = blobs.BlobUpload(self.ctx, nodes, digest,
+            self.upload = blobs.BlobUpload(self.ctx.relay, nodes, digest,
                                            self.request.headers.get("Content-Length"))
 
     async def data_received(self, chunk: bytes) -> None:
@@ -62,7 +62,8 @@ class BlobHandler(BaseHandler):
           404: NotFound
           503: Unavailable
         """
-        codes = await blobs.check_blob(self.ctx, self.nodes, self.digest)
+        codes = await blobs.check_blob(self.ctx.relay, self.nodes, self.digest,
+                                     self.ctx.settings.probe_timeout)
         missing = [n.name for n in self.nodes if codes[n.id] != 200]
         if missing:
             raise ApiError(404, f'blob "{self.digest}" not found on node(s) '

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 from tornado.httpclient import HTTPResponse
 
 from ..registry import NodeState
-from ..relay import IdleWatchdog, describe_failure
+from ..relay import IdleWatchdog, Relay, describe_failure
 from ..relay.upstream import UpstreamRequest
 from .fanout import Cancel, NodeResult
 
@@ -75,9 +75,9 @@ class _Feed:
 class BlobUpload:
     """One client upload fanned out to `nodes`; feed() each chunk, then finish()."""
 
-    def __init__(self, ctx: Any, nodes: list[NodeState], digest: str,
+    def __init__(self, relay: Relay, nodes: list[NodeState], digest: str,
                  content_length: str | None) -> None:
-        self.ctx = ctx
+        self.relay = relay
         self.digest = digest
         self.hasher = hashlib.sha256()
         self.cancel = Cancel()
@@ -90,7 +90,7 @@ class BlobUpload:
             feed.task = asyncio.ensure_future(self._send(feed, headers))
 
     async def _send(self, feed: _Feed, headers: dict[str, str]) -> NodeResult:
-        relay = self.ctx.relay
+        relay = self.relay
         request = UpstreamRequest(
             f"{feed.node.url}/api/blobs/{self.digest}", feed.handle, method="POST",
             headers=headers, body_producer=feed.produce,
@@ -143,15 +143,15 @@ def _error_text(response: HTTPResponse) -> str:
     return f"node answered {response.code}"
 
 
-async def check_blob(ctx: Any, nodes: list[NodeState], digest: str) -> dict[int, int | None]:
+async def check_blob(relay: Relay, nodes: list[NodeState], digest: str,
+                     timeout: float) -> dict[int, int | None]:
     """HEAD the blob on every node at once: each node's status (None: unreachable)."""
-    relay = ctx.relay
     cancel = Cancel()
 
     async def one(node: NodeState) -> int | None:
         request = UpstreamRequest(
             f"{node.url}/api/blobs/{digest}", cancel.handle(), method="HEAD",
-            connect_timeout=relay.connect_timeout, request_timeout=ctx.settings.probe_timeout,
+            connect_timeout=relay.connect_timeout, request_timeout=timeout,
             decompress_response=False, follow_redirects=False)
         try:
             response = await relay.client.fetch(request, raise_error=False)
