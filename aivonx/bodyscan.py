@@ -29,12 +29,14 @@ _KINDS = {ord('"'): "string", ord("["): "array", ord("{"): "object"}
 
 
 class Large:
-    """A top-level value too large to decode: its JSON kind and raw size.
-    Truthy, as only a non-empty value gets this large."""
+    """A top-level value too large to decode: its JSON kind, raw size and
+    where it starts in the body. Truthy, as only a non-empty value gets this
+    large."""
 
-    def __init__(self, kind: str, size: int) -> None:
+    def __init__(self, kind: str, size: int, start: int = 0) -> None:
         self.kind = kind
         self.size = size
+        self.start = start
 
     def __bool__(self) -> bool:
         return True
@@ -143,7 +145,7 @@ def scan(buf: bytes) -> Iterator[int]:
             value_end = yield from _value_end(buf, start)
             size = value_end - start
             out[key] = (json.loads(buf[start:value_end]) if size <= SMALL_VALUE
-                        else Large(_KINDS.get(buf[start], "number"), size))
+                        else Large(_KINDS.get(buf[start], "number"), size, start))
             pos = _skip_ws(buf, value_end)
             yield pos
             if pos < len(buf) and buf[pos] == ord(","):

@@ -106,6 +106,12 @@ def capacity(state: dict[str, Any]) -> int:
     return sum(n["slots"] for n in state["nodes"] if n["status"] == "active")
 
 
+def hit_rate_text(affinity: dict[str, Any] | None) -> str:
+    """cache_aware's hit rate, e.g. "92% cache hits"; empty before any decision."""
+    rate = (affinity or {}).get("hit_rate")
+    return "" if rate is None else f"{rate * 100:.0f}% cache hits"
+
+
 def node_display(node: dict[str, Any], now: float | None = None) -> dict[str, str]:
     """A node's strings as the page shows them, from its state view."""
     weight = node["weight"]
@@ -131,6 +137,7 @@ def cluster_display(state: dict[str, Any]) -> dict[str, str]:
         "queue_oldest": wait_text(queue["oldest_wait"]),
         "queue_average": wait_text(queue["average_wait"]),
         "queue_max_wait": wait_text(queue["max_wait"]),
+        "cache_hit_rate": hit_rate_text(state.get("cache_affinity")),
     }
 
 

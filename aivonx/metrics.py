@@ -109,6 +109,13 @@ class Metrics:
                   (), self.overhead)
         histogram("aivonx_queue_wait_seconds", "Time spent waiting for a free slot.",
                   (), self.queue_wait)
+        affinity = scheduler.router.affinity()
+        counter("aivonx_cache_affinity_total",
+                "cache_aware decisions: hit (the node held the prompt's prefix or session) "
+                "or miss.", ("result",),
+                {("hit",): affinity["hits"], ("miss",): affinity["misses"]})
+        counter("aivonx_cache_routes_total", "cache_aware decisions by X-Aivonx-Route.",
+                ("route",), {(k,): v for k, v in scheduler.router.routes.items()})
         nodes = sorted(registry.nodes.values(), key=lambda n: n.id)
         family("aivonx_in_flight_requests", "gauge", "Requests in flight per node.")
         out.extend(f"aivonx_in_flight_requests{_labels(('node',), (n.name,))} "

@@ -21,7 +21,7 @@ from . import store
 from .nodeaddr import (DEFAULT_PORT, InvalidAddress, base_url, default_name, parse_node_url,
                        split_address)
 from .registry import NodeState, Registry
-from .router import DEFAULT_STRATEGY, STRATEGIES, Router
+from .router import DEFAULT_LOAD_FACTOR, DEFAULT_STRATEGY, STRATEGIES, Router
 from .tasks import BackgroundTasks
 
 log = logging.getLogger("aivonx.nodes")
@@ -200,6 +200,8 @@ class NodeService:
                 log.info("added node %s:%s", address, port)
         strategy = store.get_config("strategy", DEFAULT_STRATEGY)
         self.router.strategy = strategy if strategy in STRATEGIES else DEFAULT_STRATEGY
+        factor = store.get_config("cache_load_factor", DEFAULT_LOAD_FACTOR)
+        self.router.load_factor = factor if _valid_factor(factor) else DEFAULT_LOAD_FACTOR
         for node in store.Node.select():
             self.sync(node)
 
@@ -333,6 +335,18 @@ class NodeService:
         log.info("routing strategy is now %s", name)
         self.on_change("strategy", None)
 
+    def set_load_factor(self, value: Any) -> None:
+        """How far above the mean in-flight load cache_aware lets affinity
+        take a node (see aivonx.router.within_bound), kept across restarts."""
+        store.set_config("cache_load_factor", check_load_factor(value))
+        self.load_factor_saved(value)
+
+    def load_factor_saved(self, value: float) -> None:
+        """The stored load factor changed: use it from the next request."""
+        self.router.load_factor = float(value)
+        log.info("cache_aware load factor is now %g", value)
+        self.on_change("cache_load_factor", None)
+
     # -- changes made by another instance (aivonx.cluster) -----------------------
     def apply_stored(self, node_id: int, node: store.Node | None) -> None:
         """Another instance changed node `node_id`; `node` is its row as
@@ -357,6 +371,11 @@ class NodeService:
         if strategy in STRATEGIES:
             self.router.strategy = strategy
 
+    def apply_load_factor(self, factor: Any) -> None:
+        """Another instance stored a new cache_aware load factor."""
+        if _valid_factor(factor):
+            self.router.load_factor = float(factor)
+
     def apply_all(self, nodes: list[store.Node], strategy: Any) -> None:
         """Bring the registry in line with every stored node (after missed
         changes, e.g. while Redis was unreachable)."""
@@ -376,3 +395,18 @@ def check_strategy(name: Any) -> str:
     if name not in STRATEGIES:
         raise ValidationError({"strategy": f"unknown strategy {name[:100]!r}; valid: {valid}"})
     return name
+
+
+def check_load_factor(value: Any) -> float:
+    if not _valid_factor(value):
+        raise ValidationError({"cache_load_factor": f"must be a number from 1 to "
+                                                    f"{MAX_LOAD_FACTOR:g}"})
+    return float(value)
+
+
+MAX_LOAD_FACTOR = 100.0
+
+
+def _valid_factor(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 1.0 <= value <= MAX_LOAD_FACTOR)

@@ -16,6 +16,9 @@ API_VERSION = "1.0.0"
 
 _NULLABLE_NUMBER = {"type": "number", "nullable": True}
 _URL_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_LOAD_FACTOR = {"type": "number", "minimum": 1, "maximum": 100, "example": 1.25,
+                "description": "cache_aware skips a node more than this factor above the "
+                               "candidates' mean in-flight load"}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -97,6 +100,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "requests_served": {"type": "integer"},
         "errors": {"type": "integer"},
         "queue": {"$ref": "#/components/schemas/Queue"},
+        "cache_affinity": {"type": "object", "description": (
+            "cache_aware's decisions: hits sent a request to a node that held its prompt's "
+            "prefix or session"), "properties": {
+            "hits": {"type": "integer"}, "misses": {"type": "integer"},
+            "hit_rate": _NULLABLE_NUMBER}},
         "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/NodeState"},
                   "description": "Every node's details (health, history, counters)"},
         "instance": {"type": "string", "description": "The name of the instance answering"},
@@ -116,7 +124,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "capacity": {"type": "string", "description": "Slots of the serving nodes"},
         "queue_oldest": {"type": "string", "example": "350 ms"},
         "queue_average": {"type": "string", "example": "4.2 s"},
-        "queue_max_wait": {"type": "string", "example": "2m 00s"}}},
+        "queue_max_wait": {"type": "string", "example": "2m 00s"},
+        "cache_hit_rate": {"type": "string", "example": "92% cache hits",
+                           "description": "Empty until cache_aware routed a request"}}},
     "NodeDisplay": {"type": "object", "description": (
         "The node as the status page words it: strings to show as they are"), "properties": {
         "since": {"type": "string", "description": "Time since the last status change",
@@ -174,13 +184,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "total_active_requests": {"type": "integer"}}},
     "Config": {"type": "object", "properties": {
         "strategy": {"type": "string"},
+        "cache_load_factor": _LOAD_FACTOR,
         "strategies": {"type": "array", "items": {"type": "string"}, "readOnly": True},
         "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"}}},
     "ConfigInput": {"type": "object", "required": ["strategy"],
                     "properties": {"strategy": {"type": "string", "example": "least_active"},
+                                   "cache_load_factor": _LOAD_FACTOR,
                                    "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"}}},
     "ConfigPatch": {"type": "object",
                     "properties": {"strategy": {"type": "string", "example": "round_robin"},
+                                   "cache_load_factor": _LOAD_FACTOR,
                                    "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"}}},
     "KeepAlivePolicy": {
         "type": "object", "additionalProperties": False,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import modelnames
 from .breaker import FAILURES as BREAKER_FAILURES, Breaker
@@ -138,6 +138,13 @@ class Registry:
         self.nodes: dict[int, NodeState] = {}
         self.requests_served = 0
         self.errors = 0
+        # Told when a node's KV caches are gone: for some models (unloaded
+        # there) or all of them (None: it restarted, moved or was removed).
+        self.caches_lost: Callable[[int, Iterable[str] | None], Any] | None = None
+
+    def _caches_lost(self, state: NodeState, models: Iterable[str] | None = None) -> None:
+        if self.caches_lost is not None:
+            self.caches_lost(state.id, models)
 
     # -- membership (from the store / management API) -----------------------
     def upsert(self, node_id: int, name: str, address: str, port: int,
@@ -162,6 +169,7 @@ class Registry:
     def _forget_machine(self, state: NodeState) -> None:
         """The node's address changed: a different machine, and everything
         known about the old one (health, models, version, breaker) is void."""
+        self._caches_lost(state)
         state.healthy = False
         state.reason = "address changed, not probed yet"
         state.since = time.time()
@@ -175,7 +183,9 @@ class Registry:
         state.next_probe_at = 0.0
 
     def remove(self, node_id: int) -> None:
-        self.nodes.pop(node_id, None)
+        state = self.nodes.pop(node_id, None)
+        if state is not None:
+            self._caches_lost(state)
 
     def set_enabled(self, state: NodeState, enabled: bool) -> None:
         if state.enabled != enabled:
@@ -190,6 +200,7 @@ class Registry:
         if changed:
             state.healthy = True
             state.since = time.time()
+            self._caches_lost(state)  # it was unreachable: likely restarted
         if not state.resting():
             state.reason = "ok"  # else keep saying why it rests
         return changed
@@ -255,8 +266,14 @@ class Registry:
             state.tags = tags
 
     def set_loaded(self, state: NodeState, entries: list[dict[str, Any]]) -> None:
-        """A node's /api/ps answer: the models it holds in memory."""
+        """A node's /api/ps answer: the models it holds in memory. Those no
+        longer there took their KV caches with them."""
+        before = state.loaded_keys() if state.loaded else set()
         state.loaded = entries
+        if before:
+            gone = before - state.loaded_keys()
+            if gone:
+                self._caches_lost(state, gone)
 
     def set_version(self, state: NodeState, version: str | None) -> None:
         state.version = version

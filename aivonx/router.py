@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable
+from typing import Callable, Optional
 
+from .prefix import PrefixMemory, RoutingHint
 from .registry import NodeState, Registry
 
-Strategy = Callable[[list[NodeState], str, "Router"], list[NodeState]]
+Strategy = Callable[[list[NodeState], str, "Router", Optional[RoutingHint]], list[NodeState]]
+DEFAULT_LOAD_FACTOR = 1.25
 
 
 class Unroutable(Exception):
@@ -39,7 +41,8 @@ def _rotate(nodes: list[NodeState], turn: int) -> list[NodeState]:
     return nodes[k:] + nodes[:k]
 
 
-def least_active(nodes: list[NodeState], key: str, router: "Router") -> list[NodeState]:
+def least_active(nodes: list[NodeState], key: str, router: "Router",
+                 hint: RoutingHint | None = None) -> list[NodeState]:
     """Fewest in-flight requests per unit of weight first; ties rotate so
     that an idle cluster spreads requests instead of piling them onto the
     first node."""
@@ -47,14 +50,16 @@ def least_active(nodes: list[NodeState], key: str, router: "Router") -> list[Nod
                   key=lambda n: n.active_requests / n.weight)
 
 
-def lowest_latency(nodes: list[NodeState], key: str, router: "Router") -> list[NodeState]:
+def lowest_latency(nodes: list[NodeState], key: str, router: "Router",
+                   hint: RoutingHint | None = None) -> list[NodeState]:
     """Lowest smoothed probe latency first; unknown latency last."""
     return sorted(_rotate(nodes, router.next_turn()),
                   key=lambda n: (math.inf if n.latency is None else n.latency,
                                  n.active_requests / n.weight))
 
 
-def round_robin(nodes: list[NodeState], key: str, router: "Router") -> list[NodeState]:
+def round_robin(nodes: list[NodeState], key: str, router: "Router",
+                hint: RoutingHint | None = None) -> list[NodeState]:
     """Each node in turn, whatever its load, as often as its weight says
     (smooth weighted round robin: heavier nodes are spread, not bunched)."""
     credits = router.credits
@@ -68,11 +73,45 @@ def round_robin(nodes: list[NodeState], key: str, router: "Router") -> list[Node
     return ordered
 
 
-def warm_first(nodes: list[NodeState], key: str, router: "Router") -> list[NodeState]:
+def warm_first(nodes: list[NodeState], key: str, router: "Router",
+               hint: RoutingHint | None = None) -> list[NodeState]:
     """Nodes that already hold the model in memory first (a cold load costs
     seconds to minutes), each group in least_active order."""
     ordered = least_active(nodes, key, router)
     return sorted(ordered, key=lambda n: key not in n.loaded_keys())
+
+
+def within_bound(nodes: list[NodeState], factor: float) -> set[int]:
+    """The nodes that may take one more request without going more than
+    `factor` above the candidates' mean in-flight load (per unit of weight):
+    consistent hashing with bounded loads, so that affinity never piles a
+    hot conversation or tenant onto one node."""
+    total = sum(n.active_requests for n in nodes) + 1
+    weight = sum(n.weight for n in nodes) or 1.0
+    return {n.id for n in nodes
+            if n.active_requests + 1 <= max(1, math.ceil(factor * total * n.weight / weight))}
+
+
+def cache_aware(nodes: list[NodeState], key: str, router: "Router",
+                hint: RoutingHint | None = None) -> list[NodeState]:
+    """The nodes holding the longest part of the request's prompt (or its
+    session) first, deepest and then least loaded, each only while within
+    the load bound; then the rest in warm_first order. Ollama reuses a
+    cached prefix, so such a node prefills only what is new."""
+    rest = warm_first(nodes, key, router)
+    if hint is None:
+        return rest
+    matches = router.prefixes.matches(hint)
+    if not matches:
+        return rest
+    bound = within_bound(nodes, router.load_factor)
+    preferred = sorted((n for n in nodes if n.id in matches and n.id in bound),
+                       key=lambda n: (-matches[n.id][0], n.active_requests / n.weight,
+                                      -matches[n.id][1]))
+    if not preferred:
+        return rest
+    first = {n.id for n in preferred}
+    return preferred + [n for n in rest if n.id not in first]
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -80,6 +119,7 @@ STRATEGIES: dict[str, Strategy] = {
     "lowest_latency": lowest_latency,
     "round_robin": round_robin,
     "warm_first": warm_first,
+    "cache_aware": cache_aware,
 }
 DEFAULT_STRATEGY = "least_active"
 
@@ -90,6 +130,10 @@ class Router:
         self.strategy = strategy
         self._turns = itertools.count()
         self.credits: dict[int, float] = {}
+        self.load_factor = DEFAULT_LOAD_FACTOR
+        self.prefixes = PrefixMemory()
+        self.routes: dict[str, int] = {}  # why cache_aware chose its nodes, counted
+        registry.caches_lost = self.prefixes.forget
 
     @property
     def strategy(self) -> str:
@@ -125,10 +169,37 @@ class Router:
         listings show exactly their models."""
         return [n for n in self.registry.nodes.values() if serves(n)]
 
-    def candidates(self, key: str, eligible: list[NodeState] | None = None) -> list[NodeState]:
+    def candidates(self, key: str, eligible: list[NodeState] | None = None,
+                   hint: RoutingHint | None = None) -> list[NodeState]:
         """The eligible nodes best first, degraded ones after healthy ones.
         Each call is one routing decision: it advances the rotation. Pass
         `eligible` when the caller has just computed it."""
         up = self.eligible(key) if eligible is None else eligible
-        ordered = STRATEGIES[self._strategy](sorted(up, key=lambda n: n.id), key, self)
+        ordered = STRATEGIES[self._strategy](sorted(up, key=lambda n: n.id), key, self, hint)
         return sorted(ordered, key=lambda n: n.health != "healthy")
+
+    def chosen(self, node: NodeState, key: str, hint: RoutingHint | None) -> str:
+        """A request got a slot on `node`: say why (the X-Aivonx-Route
+        header) and, under cache_aware, remember that the node holds its
+        prompt from now on."""
+        if self._strategy != "cache_aware":
+            return self._strategy
+        route = "least_active"
+        if hint is not None:
+            if hint.session is not None and self.prefixes.session_node(hint) == node.id:
+                route = "session"
+            elif hint.blocks and node.id in self.prefixes.matches(hint):
+                route = "prefix"
+            self.prefixes.record(node.id, key, hint, node.slots)
+        if route == "least_active" and key in node.loaded_keys():
+            route = "warm"
+        self.routes[route] = self.routes.get(route, 0) + 1
+        return route
+
+    def affinity(self) -> dict[str, int | float | None]:
+        """Affinity hits (the node held the prompt or session) and misses
+        under cache_aware, for the metrics and the status page."""
+        hits = self.routes.get("prefix", 0) + self.routes.get("session", 0)
+        misses = self.routes.get("warm", 0) + self.routes.get("least_active", 0)
+        return {"hits": hits, "misses": misses,
+                "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None}

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 from dataclasses import dataclass, field
 
+from .prefix import RoutingHint
 from .registry import NodeState, Registry
 from .router import Router, Unroutable
 
@@ -37,6 +38,7 @@ class Slot:
     node: NodeState
     waited: float = 0.0
     ok: bool = True
+    route: str = ""  # why the router chose the node (X-Aivonx-Route)
 
 
 @dataclass(eq=False)
@@ -45,6 +47,7 @@ class Waiter:
     exclude: frozenset[int]
     future: asyncio.Future
     since: float = field(default_factory=time.monotonic)
+    hint: RoutingHint | None = None
 
 
 class Scheduler:
@@ -73,20 +76,22 @@ class Scheduler:
         return time.monotonic() - self.waiters[0].since if self.waiters else None
 
     def _free_node(self, key: str, exclude: frozenset[int] | set[int],
-                   eligible: list[NodeState] | None = None) -> NodeState | None:
+                   eligible: list[NodeState] | None = None,
+                   hint: RoutingHint | None = None) -> NodeState | None:
         """The best node for `key` with a free slot, or None when all are
         full. Raises the router's NoSuchModel / NoHealthyNode."""
         if eligible is None:
             eligible = self.router.eligible(key)
         if not any(n.has_free_slot and n.id not in exclude for n in eligible):
             return None
-        for node in self.router.candidates(key, eligible):
+        for node in self.router.candidates(key, eligible, hint):
             if node.id not in exclude and node.has_free_slot:
                 return node
         return None
 
     async def acquire(self, key: str, exclude: set[int] = frozenset(),
-                      abandoned: asyncio.Future | None = None) -> NodeState | None:
+                      abandoned: asyncio.Future | None = None,
+                      hint: RoutingHint | None = None) -> NodeState | None:
         """A node with a slot reserved for this request. None when every node
         that has the model was tried already (`exclude`), or when the client
         left (`abandoned` done) while waiting."""
@@ -94,19 +99,19 @@ class Scheduler:
         if all(n.id in exclude for n in eligible):
             return None
         if self.shared is None:
-            node = self._free_node(key, exclude, eligible)
+            node = self._free_node(key, exclude, eligible, hint)
             if node is not None:
                 self.registry.begin(node)
                 return node
         else:
-            node = await self._lease_any(key, exclude, eligible)
+            node = await self._lease_any(key, exclude, eligible, hint)
             if node is not None:
                 return node
         if len(self.waiters) >= self.max_queue:
             self.rejected_total += 1
             raise QueueFull(f"all nodes are busy and {self.max_queue} requests are waiting")
         loop = asyncio.get_running_loop()
-        waiter = Waiter(key, frozenset(exclude), loop.create_future())
+        waiter = Waiter(key, frozenset(exclude), loop.create_future(), hint=hint)
         self.waiters.append(waiter)
         self.queued_total += 1
         self.max_depth_seen = max(self.max_depth_seen, len(self.waiters))
@@ -147,9 +152,10 @@ class Scheduler:
 
     # -- shared slots (Redis) ------------------------------------------------------
     async def _lease_any(self, key: str, exclude: frozenset[int] | set[int],
-                         eligible: list[NodeState]) -> NodeState | None:
+                         eligible: list[NodeState],
+                         hint: RoutingHint | None = None) -> NodeState | None:
         """The best node whose slot is free here and leased cluster-wide."""
-        for node in self.router.candidates(key, eligible):
+        for node in self.router.candidates(key, eligible, hint):
             if node.id not in exclude and node.has_free_slot:
                 self.registry.begin(node)
                 if await self._lease(node):
@@ -180,17 +186,19 @@ class Scheduler:
 
     @asynccontextmanager
     async def slot(self, key: str, exclude: set[int],
-                   abandoned: asyncio.Future | None = None) -> AsyncIterator[Slot | None]:
+                   abandoned: asyncio.Future | None = None,
+                   hint: RoutingHint | None = None) -> AsyncIterator[Slot | None]:
         """Hold a slot of the best free node for `key` (waiting in the queue
         if all are busy) for the duration of the block, and free it after.
         Yields None when every node was tried or the client left; raises
         Unroutable as acquire does."""
         asked = time.monotonic()
-        node = await self.acquire(key, exclude, abandoned)
+        node = await self.acquire(key, exclude, abandoned, hint)
         if node is None:
             yield None
             return
-        held = Slot(node, waited=time.monotonic() - asked)
+        held = Slot(node, waited=time.monotonic() - asked,
+                    route=self.router.chosen(node, key, hint))
         try:
             yield held
         finally:
@@ -221,7 +229,7 @@ class Scheduler:
         may have appeared: a request ended, a node came back or changed."""
         for waiter in list(self.waiters):
             try:
-                node = self._free_node(waiter.key, waiter.exclude)
+                node = self._free_node(waiter.key, waiter.exclude, hint=waiter.hint)
             except Unroutable:
                 continue  # its model is gone or down for now: it keeps waiting
             if node is None:

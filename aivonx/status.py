@@ -87,6 +87,7 @@ def cluster_state(registry: Registry, scheduler: Scheduler, strategy: str,
             "average_wait": _average_wait(scheduler),
         },
         "nodes": views,
+        "cache_affinity": scheduler.router.affinity(),
         "instance": instance,
         "cluster": cluster.view() if cluster is not None else {
             "redis": "off", "shared_slots": False, "since": None, "instances": [instance]},

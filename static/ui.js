@@ -146,6 +146,7 @@
     setText(slot(document, "active-count"), shown.serving);
     setText(slot(document, "node-count"), nodes.length);
     setText(slot(document, "strategy"), state.strategy);
+    setText(slot(document, "cache-hit-rate"), shown.cache_hit_rate || "");
     setText(slot(document, "total_active_requests"), state.total_active_requests);
     setText(slot(document, "capacity"), shown.capacity);
     renderQueue(state.queue, shown);

@@ -103,6 +103,36 @@ async def fetch(url: str, method: str = "GET", body: bytes | dict | None = None,
 
 # ---------------------------------------------------------------- the management API
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def overlap(records) -> int:
+    """Most requests the node was serving at the same moment."""
+    events = sorted([(r.started_at, 1) for r in records] +
+                    [(r.finished_at or r.client_closed_at or time.monotonic(), -1)
+                     for r in records])
+    most = current = 0
+    for _, delta in events:
+        current += delta
+        most = max(most, current)
+    return most
+
+
+def configure(proxy: Any, fake: Any, **fields: Any) -> None:
+    """Change a node's stored settings the way the management API does."""
+    from aivonx.store import Node
+    proxy.ctx.nodes.update(Node.get(Node.port == fake.port).id, fields, partial=True)
+
+
+async def admin_client(proxy: Any) -> ollama.AsyncClient:
+    """An ollama client with an admin access token, for model operations."""
+    return ollama.AsyncClient(host=proxy.url,
+                              headers={"Authorization": f"Bearer {await login(proxy)}"})
+
+
 class Answer:
     def __init__(self, response: HTTPResponse) -> None:
         self.response = response

@@ -13,9 +13,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from aivonx.cluster.leases import LEASE_TTL_MS, Leases
 from aivonx.cluster.service import HEARTBEAT
-from aivonx.store import Node
-from tests.helpers import call, login, start_aivonx, wait_for
-from tests.test_capacity import overlap
+from tests.helpers import call, configure, login, overlap, start_aivonx, wait_for
 
 
 async def pair(make_proxy, nodes, postgres_url, redis_url, **options):
@@ -24,10 +22,6 @@ async def pair(make_proxy, nodes, postgres_url, redis_url, **options):
     b = await make_proxy(db=postgres_url, redis=redis_url, instance_name="b", **options)
     await wait_for(lambda: all(len(p.ctx.cluster.instances) == 2 for p in (a, b)), 5)
     return a, b
-
-
-def set_slots(proxy, fake, slots: int) -> None:
-    proxy.ctx.nodes.update(Node.get(Node.port == fake.port).id, {"slots": slots}, partial=True)
 
 
 async def generate(proxy, prompt: str = "hi"):
@@ -43,7 +37,7 @@ async def test_a_node_of_two_slots_serves_two_at_once_over_both_instances(
         io_loop, make_node, make_proxy, postgres_url, redis_url):
     fake = await make_node(chunks=4, chunk_delay=0.05)
     a, b = await pair(make_proxy, [fake], postgres_url, redis_url)
-    set_slots(a, fake, 2)
+    configure(a, fake, slots=2)
     await wait_for(lambda: b.node(fake).slots == 2, 1.0)
     results = await asyncio.gather(*(generate(a if i % 2 else b, f"p{i}") for i in range(20)))
     assert all(r.done for r in results)
@@ -74,11 +68,12 @@ async def test_a_change_through_one_instance_reaches_the_other_within_a_second(
     assert drained.code == 200
     await wait_for(lambda: not b.node(second).enabled, 1.0)
     strategy = await call(a, "PATCH", "/api/proxy/config",
-                          {"strategy": "round_robin", "keep_alive": {"default": "7m"}},
-                          token=token)
+                          {"strategy": "round_robin", "keep_alive": {"default": "7m"},
+                           "cache_load_factor": 3}, token=token)
     assert strategy.code == 200
     await wait_for(lambda: b.ctx.router.strategy == "round_robin"
-                   and b.ctx.keep_alive.as_dict()["default"] == "7m", 1.0)
+                   and b.ctx.keep_alive.as_dict()["default"] == "7m"
+                   and b.ctx.router.load_factor == 3, 1.0)
     deleted = await call(a, "DELETE", f"/api/proxy/nodes/{added.json['id']}", token=token)
     assert deleted.code == 204
     await wait_for(lambda: added.json["id"] not in b.registry.nodes, 1.0)
@@ -92,7 +87,7 @@ async def test_leases_of_an_instance_killed_with_9_lapse_within_the_lease_time(
         io_loop, make_node, make_proxy, postgres_url, redis_url):
     fake = await make_node(chunks=200, chunk_delay=0.05)  # ten seconds a request
     b = await make_proxy([fake], db=postgres_url, redis=redis_url, instance_name="b")
-    set_slots(b, fake, 2)
+    configure(b, fake, slots=2)
     a = await start_aivonx("--db", postgres_url, "--redis", redis_url, "--instance-name", "a")
     client = ollama.AsyncClient(host=a.url)
     held = [asyncio.ensure_future(client.generate(model="llama3", prompt=f"held {i}",
@@ -119,7 +114,7 @@ async def test_redis_stopped_and_restarted_under_load_loses_no_request(
         io_loop, make_node, make_proxy, postgres_url, redis_server, redis_url):
     fake = await make_node(chunks=3, chunk_delay=0.03)
     a, b = await pair(make_proxy, [fake], postgres_url, redis_url)
-    set_slots(a, fake, 2)
+    configure(a, fake, slots=2)
     await wait_for(lambda: b.node(fake).slots == 2, 1.0)
     done: list = []
     stop = asyncio.Event()

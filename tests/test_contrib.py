@@ -11,7 +11,7 @@ import yaml
 from tornado.httpclient import AsyncHTTPClient
 
 from tests.helpers import ROOT
-from tests.test_capacity import configure
+from tests.helpers import configure
 
 DASHBOARD = os.path.join(ROOT, "contrib", "grafana", "aivonx-dashboard.json")
 PROMETHEUS = os.path.join(ROOT, "contrib", "prometheus", "prometheus.yml")

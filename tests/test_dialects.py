@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from tests.helpers import call, login
-from tests.test_fake_ollama_dialects import WEATHER
-from tests.test_model_ops import admin_client
+from tests.helpers import WEATHER, admin_client
 
 CHAT = "llama3:latest"
 MESSAGE = [{"role": "user", "content": "hello"}]

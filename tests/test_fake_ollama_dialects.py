@@ -10,13 +10,7 @@ import ollama
 import openai
 import pytest
 
-from tests.helpers import CHAT, fetch, running
-
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
-
+from tests.helpers import CHAT, WEATHER, fetch, running
 
 def sse(body: bytes) -> list[tuple[str, dict]]:
     """(event name, data) of each SSE event in a body."""

@@ -11,13 +11,7 @@ import pytest
 
 from aivonx.modelops import NodeResult, ProgressMerger, common_refusal
 from aivonx.registry import NodeState
-from tests.helpers import call, login
-from tests.helpers import wait_for
-
-
-async def admin_client(proxy) -> ollama.AsyncClient:
-    return ollama.AsyncClient(host=proxy.url,
-                              headers={"Authorization": f"Bearer {await login(proxy)}"})
+from tests.helpers import admin_client, call, login, wait_for
 
 
 async def test_management_pull_streams_tagged_progress_then_a_summary(

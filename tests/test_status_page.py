@@ -11,7 +11,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
 from aivonx.display import ago, latency_text, overall, spark_points, wait_text
 from aivonx.store import Node
-from tests.test_capacity import configure
+from tests.helpers import configure
 from tests.helpers import fetch_stream, wait_for
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
@@ -190,7 +190,7 @@ async def test_state_json_is_what_the_page_polls(io_loop, make_node, make_proxy)
     # The strings the page shows, ready made: its script formats nothing.
     assert state["display"] == {"summary": "All nodes serving", "tone": "ok", "serving": "1",
                                 "capacity": "4", "queue_oldest": "—", "queue_average": "—",
-                                "queue_max_wait": "2m 00s"}
+                                "queue_max_wait": "2m 00s", "cache_hit_rate": ""}
     assert set(node["display"]) == {"since", "pool", "latency", "spark", "weight",
                                     "weight_label"}
     assert (node["display"]["weight"], node["display"]["weight_label"]) == ("1", "")

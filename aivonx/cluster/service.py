@@ -161,6 +161,8 @@ class Cluster:
                 self.nodes.apply_stored(key, row)
             elif kind == "strategy":
                 self.nodes.apply_strategy(await store.run(store.get_config, "strategy"))
+            elif kind == "cache_load_factor":
+                self.nodes.apply_load_factor(await store.run(store.get_config, kind))
             elif kind == "keep_alive":
                 self.keep_alive.load(await store.run(store.get_config, "keep_alive"))
             else:
@@ -175,10 +177,12 @@ class Cluster:
             rows = await store.run(lambda: list(store.Node.select()))
             strategy = await store.run(store.get_config, "strategy")
             keep_alive = await store.run(store.get_config, "keep_alive")
+            factor = await store.run(store.get_config, "cache_load_factor")
         except Exception as exc:
             log.warning("could not reload the configuration: %s", exc)
             return
         self.nodes.apply_all(rows, strategy)
+        self.nodes.apply_load_factor(factor)
         self.keep_alive.load(keep_alive)
 
 

@@ -11,6 +11,7 @@ from .relayed import NUMBER, ModelRelayHandler
 
 
 class MessagesHandler(ModelRelayHandler):
+    prompted = True
     error_style = "anthropic"
     fields = {"messages": (list,), "max_tokens": NUMBER, "system": (str, list),
               "tools": (list,), "thinking": (dict,), "stop_sequences": (list,)}

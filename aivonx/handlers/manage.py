@@ -161,6 +161,7 @@ class ActiveRequestsHandler(ManageHandler):
 class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
         return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
+                "cache_load_factor": self.ctx.router.load_factor,
                 "keep_alive": self.ctx.keep_alive.as_dict()}
 
     @admin_required
@@ -183,6 +184,8 @@ class ConfigHandler(ManageHandler):
         # Validate everything, store it in one transaction, then apply it:
         # a refused or failed write changes nothing.
         changes: dict[str, Any] = {}
+        if "cache_load_factor" in body:
+            changes["cache_load_factor"] = nodes.check_load_factor(body["cache_load_factor"])
         if "keep_alive" in body:
             candidate = copy.copy(self.ctx.keep_alive)
             try:
@@ -198,6 +201,8 @@ class ConfigHandler(ManageHandler):
             self.ctx.nodes.on_change("keep_alive", None)
         if "strategy" in changes:
             self.ctx.nodes.strategy_saved(changes["strategy"])
+        if "cache_load_factor" in changes:
+            self.ctx.nodes.load_factor_saved(changes["cache_load_factor"])
         self.write_json(self.config())
 
     @admin_required

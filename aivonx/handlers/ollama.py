@@ -61,6 +61,7 @@ class ShowHandler(ModelRelayHandler):
 
 
 class GenerateHandler(ModelRelayHandler):
+    prompted = True
     keeps_models_loaded = True
     unload_field = "prompt"
     fields = {"prompt": (str,), "suffix": (str,), "system": (str,), "template": (str,),
@@ -68,6 +69,7 @@ class GenerateHandler(ModelRelayHandler):
 
 
 class ChatHandler(ModelRelayHandler):
+    prompted = True
     keeps_models_loaded = True
     unload_field = "messages"
     fields = {"messages": (list,), "tools": (list,)}

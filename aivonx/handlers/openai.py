@@ -13,10 +13,12 @@ class OpenAIHandler(ModelRelayHandler):
 
 
 class ChatCompletionsHandler(OpenAIHandler):
+    prompted = True
     fields = {"messages": (list,), "stream_options": (dict,)}
 
 
 class CompletionsHandler(OpenAIHandler):
+    prompted = True
     fields = {"prompt": (str, list), "stream_options": (dict,)}
 
 
@@ -30,6 +32,7 @@ class ResponsesHandler(OpenAIHandler):
     with the Responses `error` event."""
 
     error_style = "responses"
+    prompted = True
     fields = {"input": (str, list), "instructions": (str,), "tools": (list,),
               "reasoning": (dict,), "text": (dict,)}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .. import bodyscan, modelnames
+from .. import bodyscan, modelnames, prefix
 from ..bodyscan import Large
 from ..modelops import Cancel, is_unload
 from ..relay import ClientSink, Exchange
@@ -63,6 +63,8 @@ class ModelRelayHandler(BaseHandler):
 
     # The field that, empty with keep_alive 0, makes the request an unload.
     unload_field: str | None = None
+    # Generations reuse a node's cached prompt prefix (cache_aware routing).
+    prompted = False
     # Whether the admins' keep_alive policy (aivonx.keepalive) applies here.
     keeps_models_loaded = False
 
@@ -130,9 +132,12 @@ class ModelRelayHandler(BaseHandler):
             if await self.unload(name, key, body):
                 return
         self.log_model = ctx.registry.model_label(key)  # for the access log
+        hint = (prefix.routing_hint(key, body, self.request.headers, self.request.body)
+                if self.prompted and ctx.router.strategy == "cache_aware" else None)
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
-                                 relayed, model=self.log_model, received_at=received_at)
+                                 relayed, model=self.log_model, received_at=received_at,
+                                 hint=hint)
         try:
             await self.exchange.run(key)
         except NoSuchModel:

@@ -24,6 +24,7 @@ from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
 from ..metrics import Metrics
+from ..prefix import RoutingHint
 from ..registry import NodeState, Registry
 from .resolver import Networks
 from ..router import Router, Unroutable
@@ -75,6 +76,7 @@ class Attempt:
         self.headers = httputil.HTTPHeaders()
         self.forwarding = False   # True once the head went to the client
         self.error_buffer = bytearray()
+        self.route = ""
         self.started = time.monotonic()
         self.first_chunk_at: float | None = None
         self.last_activity = self.started
@@ -127,7 +129,8 @@ class Exchange:
 
     def __init__(self, relay: "Relay", sink: ClientSink, method: str, path: str,
                  headers: httputil.HTTPHeaders, body: bytes | None,
-                 model: str = "", received_at: float | None = None) -> None:
+                 model: str = "", received_at: float | None = None,
+                 hint: RoutingHint | None = None) -> None:
         self.relay = relay
         self.sink = sink
         self.method = method
@@ -135,6 +138,7 @@ class Exchange:
         self.up_headers = upstream_headers(headers)
         self.body = body
         self.model = model
+        self.hint = hint
         self.received_at = time.monotonic() if received_at is None else received_at
         self.queued = 0.0
         self.cancelled = False
@@ -162,7 +166,8 @@ class Exchange:
         try:
             while not self.cancelled:
                 try:
-                    async with self.relay.scheduler.slot(key, tried, self.gone) as slot:
+                    async with self.relay.scheduler.slot(key, tried, self.gone,
+                                                         self.hint) as slot:
                         if slot is None:
                             break
                         attempt = await self._attempt(slot, key, tried)
@@ -199,6 +204,7 @@ class Exchange:
         if slot.waited > 0.0005:
             self.relay.metrics.queue_wait.observe((), slot.waited)
         attempt = Attempt(self, node, self._more_candidates(key, tried))
+        attempt.route = slot.route
         self.attempt = attempt
         attempt.ended(await self.relay.fetch(self, attempt))
         slot.ok = not attempt.failed or self.cancelled
@@ -231,6 +237,7 @@ class Exchange:
                     + time.monotonic() - attempt.last_activity)
         self.sink.head(attempt.status or 502, attempt.reason, attempt.headers,
                        attempt.node.header_name, overhead)
+        self.sink.route(attempt.route)
         self.relay.metrics.overhead.observe((), max(overhead, 0.0))
 
     async def _finish_stream(self, attempt: Attempt) -> None:

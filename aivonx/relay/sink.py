@@ -63,6 +63,11 @@ class ClientSink:
         handler.set_header("X-Aivonx-Overhead-Ms", f"{max(overhead, 0.0) * 1000:.3f}")
         self.content_type = headers.get("Content-Type", "")
 
+    def route(self, why: str) -> None:
+        """Why the router chose the node that answers (X-Aivonx-Route)."""
+        if why:
+            self.handler.set_header("X-Aivonx-Route", why)
+
     async def chunk(self, data: bytes) -> None:
         self.handler.write(data)
         await self.handler.flush()

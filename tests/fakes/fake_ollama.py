@@ -44,6 +44,7 @@ from tornado.web import Application, HTTPError, RequestHandler
 
 from tests.fakes import dialects
 from tests.fakes.dialects import Turn
+from tests.fakes.prefix_cache import Lease, PrefixCache
 
 DEFAULT_KEEP_ALIVE = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default, 5m
 FOREVER = timedelta(days=365 * 290)  # what a negative keep_alive becomes (Go's max duration)
@@ -101,6 +102,11 @@ class FakeOllama:
       in place of their two regular layers (e.g. counts that go back or past
       their total, as a confused registry might send).
 
+    * ``prefix_cache``: a PrefixCache (tests/fakes/prefix_cache.py), or None.
+      When set, a generation waits its prefill time before answering: longer
+      the less of its prompt the node has cached. GET /_fake/cache serves its
+      counters; ``--prefix-cache-per-token`` sets it up from the command line.
+
     ``Recorded.chunks_sent`` counts the NDJSON lines/SSE events written (for
     ``stream: false``, the chunks generated so far).
     """
@@ -130,6 +136,9 @@ class FakeOllama:
         self.url = ""
         self.requests = []
         self.keep_records = True
+        # When set, generations wait out a prefill time that depends on what
+        # the node has cached (tests/fakes/prefix_cache.py).
+        self.prefix_cache: PrefixCache | None = None
         self.connections_accepted = 0  # TCP connections accepted since creation
         self._defaults = {"chunks": chunks, "chunk_delay": chunk_delay,
                           "first_byte_delay": first_byte_delay}
@@ -200,6 +209,8 @@ class FakeOllama:
     def _touch(self, name: str, keep_alive: float | None) -> None:
         """Keep `name` loaded for keep_alive seconds (None: default, < 0: forever, 0: unload)."""
         if keep_alive == 0:
+            if self.prefix_cache is not None:
+                self.prefix_cache.forget(name)
             if name in self.loaded:
                 self.loaded.remove(name)
             self._expires.pop(name, None)
@@ -349,6 +360,7 @@ class Handler(RequestHandler):
             node.requests.append(self.record)
         self._gone = asyncio.Event()
         self._killed = False
+        self._lease: Lease | None = None
 
     def set_default_headers(self) -> None:
         # Go's net/http sends neither; an empty body must not claim text/html.
@@ -361,11 +373,17 @@ class Handler(RequestHandler):
     def on_connection_close(self) -> None:
         """Also runs while the handler sleeps, so a client leaving is seen at once."""
         self._gone.set()
+        self._release_cache()
         server_side = self._killed or self.node._server is None  # die_after or stop()
         if not server_side and self.record.finished_at is None:
             self.record.client_closed_at = time.monotonic()
 
+    def _release_cache(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+
     def on_finish(self) -> None:
+        self._release_cache()
         if not (self._killed or self._gone.is_set()):
             self.record.finished_at = time.monotonic()
 
@@ -437,6 +455,10 @@ class Handler(RequestHandler):
             raise ApiError(404, not_found)
         if load and not await self._pause(self.node.first_byte_delay):
             raise ApiError(499, "request canceled")
+        if load and self.node.prefix_cache is not None:
+            self._lease = self.node.prefix_cache.admit(name, self.record.json)
+            if not await self._pause(self._lease.delay):
+                raise ApiError(499, "request canceled")
         if self.node.fail_status is not None:
             raise ApiError(self.node.fail_status, self.node.fail_message)
         return name
@@ -1044,6 +1066,15 @@ class Records(Handler):
                     for r in self.node.requests])
 
 
+class CacheStats(Handler):
+    """GET /_fake/cache: the prefix cache's counters (404 when it has none)."""
+
+    def get(self) -> None:
+        if self.node.prefix_cache is None:
+            raise ApiError(404, "no prefix cache")
+        self._json(self.node.prefix_cache.stats())
+
+
 ROUTES: list[tuple[str, type[Handler]]] = [
     (r"/", Root), (r"/api/version", Version), (r"/api/tags", Tags), (r"/api/ps", Ps),
     (r"/api/show", Show), (r"/api/generate", Generate), (r"/api/chat", Chat),
@@ -1054,7 +1085,7 @@ ROUTES: list[tuple[str, type[Handler]]] = [
     (r"/v1/models", OpenAIModels), (r"/v1/models/([^/]+)", OpenAIModel),
     (r"/v1/messages", AnthropicMessages), (r"/v1/responses", OpenAIResponses),
     (r"/api/blobs/([^/]+)", Blob),
-    (r"/_fake/requests", Records),
+    (r"/_fake/requests", Records), (r"/_fake/cache", CacheStats),
 ]
 
 
@@ -1068,6 +1099,10 @@ async def _serve(args: argparse.Namespace) -> None:
     # Only the last --records requests are kept: a long benchmark must not grow memory.
     node.keep_records = args.records > 0
     node.requests = collections.deque(maxlen=args.records)
+    if args.prefix_cache_per_token is not None:
+        node.prefix_cache = PrefixCache(slots=args.prefix_cache_slots,
+                                        per_token=args.prefix_cache_per_token,
+                                        base=args.prefix_cache_base)
     await node.start(args.port)
     print(f"listening on {node.url}", flush=True)
     done = asyncio.Event()
@@ -1089,6 +1124,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", default="0.12.3", help="what /api/version reports")
     parser.add_argument("--records", type=int, default=0, metavar="N",
                         help="keep the last N requests for GET /_fake/requests (default none)")
+    parser.add_argument("--prefix-cache-per-token", type=float, default=None, metavar="S",
+                        help="model a prompt cache: prefill takes S seconds per prompt token "
+                             "not cached (default: no cache model)")
+    parser.add_argument("--prefix-cache-base", type=float, default=0.02, metavar="S",
+                        help="seconds before the first chunk on top of the prefill")
+    parser.add_argument("--prefix-cache-slots", type=int, default=4,
+                        help="cached prompts per model (Ollama's parallel slots)")
     asyncio.run(_serve(parser.parse_args(argv)))
 
 
