@@ -38,7 +38,9 @@ class Cluster:
         self.keep_alive = keep_alive  # KeepAlivePolicy
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 0), client_name=f"aivonx {name}"[:64].replace(" ", "-"))
+            # One retry, on a new connection: after a Redis restart the pool's
+            # idle connections are dead, and each would otherwise fail once.
+            retry=Retry(NoBackoff(), 1), client_name=f"aivonx {name}"[:64].replace(" ", "-"))
         self.leases = Leases(self.redis, name)
         self.connected = False
         self.since = time.time()
