@@ -9,8 +9,8 @@ from tornado.httpserver import HTTPServer
 
 from .context import Context
 from .intake import GuardedApplication
-from .handlers import (account, anthropic, base, blobs, docs, forms, manage, metrics, modelops,
-                       ollama, openai, pages)
+from .handlers import (account, anthropic, base, blobs, docs, forms, keypages, keys, manage,
+                       metrics, modelops, ollama, openai, pages)
 from .server import BoundedHTTPServer
 from .settings import Settings
 from .startup import StartupError, check_no_loop
@@ -44,6 +44,11 @@ def documented_routes(ctx: Context | None) -> list[tuple]:
         (r"/api/proxy/config", manage.ConfigHandler, args),
         (r"/api/proxy/nodes", manage.NodesHandler, args),
         (r"/api/proxy/nodes/([0-9]+)", manage.NodeHandler, args),
+        # Keys, their usage and the audit log (admin token)
+        (r"/api/proxy/keys", keys.KeysHandler, args),
+        (r"/api/proxy/keys/([0-9]+)", keys.KeyHandler, args),
+        (r"/api/proxy/usage", keys.UsageHandler, args),
+        (r"/api/proxy/audit", keys.AuditHandler, args),
         # Accounts: access and refresh tokens
         (r"/api/account/login", account.LoginHandler, args),
         (r"/api/account/refresh", account.RefreshHandler, args),
@@ -100,6 +105,8 @@ def routes(ctx: Context) -> list[tuple]:
         (r"/ui/nodes/([0-9]+)/delete", forms.DeleteNodeHandler, args),
         (r"/ui/strategy", forms.StrategyHandler, args),
         (r"/ui/pull", forms.PullFormHandler, args),
+        (r"/ui/keys", keypages.CreateKeyHandler, args),
+        (r"/ui/keys/([0-9]+)/revoke", keypages.RevokeKeyHandler, args),
     ]
 
 
@@ -115,6 +122,7 @@ def make_app(ctx: Context) -> tornado.web.Application:
         compress_response=False,  # streams must reach clients chunk by chunk
         log_function=base.log_request,
         template_path=os.path.join(ROOT, "templates"),
+        ui_modules={"KeysPanel": keypages.KeysPanel},
         static_path=os.path.join(ROOT, "static"),
         static_handler_class=pages.StaticAssetHandler,
         # Not xsrf_cookies: that would refuse the Ollama API's POSTs. The

@@ -199,6 +199,12 @@ class Auth:
         self.throttle = LoginThrottle(MAX_FAILURES)
         self.address_throttle = LoginThrottle(MAX_FAILURES_PER_ADDRESS)
         self._dummy_hash: str | None = None
+        # Told of every refused login (username, address, status): the audit log.
+        self.on_failed_login: Callable[[str, str, int], None] | None = None
+
+    def _failed(self, username: str, client_ip: str, status: int) -> None:
+        if self.on_failed_login is not None:
+            self.on_failed_login(username[:150], client_ip, status)
 
     async def authenticate(self, username: Any, password: Any, client_ip: str) -> store.User:
         """The user for a username and password, or AuthError: 400 missing
@@ -212,6 +218,7 @@ class Auth:
         if wait is None and self.throttle.count(key):
             wait = self.address_throttle.retry_after(address)
         if wait is not None:
+            self._failed(username, client_ip, 429)
             raise AuthError(429, f"too many failed logins; try again in {wait} s", wait)
         # Counted before the ~50 ms hash, with no await in between: parallel
         # guesses cannot all pass the check above before one is counted.
@@ -230,6 +237,7 @@ class Auth:
                                                                   stored)
         if not ok or user is None:
             log.info("failed login for %r from %s", username[:150], client_ip)
+            self._failed(username, client_ip, 401)
             raise AuthError(401, "invalid username or password")
         self.throttle.succeeded(key)
         self.address_throttle.release(address, address_stamp)

@@ -19,6 +19,7 @@ from .cluster import Cluster, SharedSlots
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .keepalive import KeepAlivePolicy
+from .keys import KeyService
 from .listings import Listings
 from .metrics import Metrics
 from .modelops import FanOut, ModelOps
@@ -66,6 +67,10 @@ class Context:
         # A node answered 404 for a model it listed: look again right away.
         self.relay.on_missing_model = self.nodes.probe_soon
         self.auth = Auth(settings.root_password)
+        self.keys = KeyService(self.metrics)
+        self.keys.host = settings.host
+        self.auth.on_failed_login = lambda username, address, status: self.keys.audit.record(
+            username, address, "login failed", status)
         self.body_budget = BodyBudget(settings.max_body_in_flight)
         self.keep_alive = KeepAlivePolicy()
         self.db: peewee.Database | None = None
@@ -101,6 +106,8 @@ class Context:
                         "once; change it with `python run.py passwd root`)", generated)
         self.nodes.load(self.settings.nodes, fallback=self.settings.local_node)
         self.keep_alive.load(store.get_config("keep_alive"))
+        self.keys.load()
+        self.keys.warn_if_exposed()
         store.release_connection()
 
     async def start(self) -> None:
@@ -110,6 +117,7 @@ class Context:
             await self.cluster.start()
         await self.monitor.probe_all()
         self.monitor.start()
+        self.keys.start()
 
     async def wait_closed(self) -> None:
         """After close(): until the cluster was told this instance left."""
@@ -123,6 +131,7 @@ class Context:
         if self.cluster is not None:
             self._leaving = self.cluster.stop()
         if self.db is not None:
+            self.keys.close()  # the last usage batch
             store.close_database(self.db)
         if self.db_lock is not None:
             self.db_lock.release()

@@ -52,6 +52,10 @@ class Metrics:
         self.overhead = Histogram(OVERHEAD_BUCKETS)             # ()
         self.queue_wait = Histogram(LATENCY_BUCKETS)            # ()
         self.rejected: dict[tuple, int] = defaultdict(int)      # reason
+        # By key name (an admin-chosen, bounded label; never the key itself).
+        self.key_requests: dict[tuple, int] = defaultdict(int)  # key
+        self.key_tokens: dict[tuple, int] = defaultdict(int)    # key, kind
+        self.key_rejected: dict[tuple, int] = defaultdict(int)  # limit
 
     def request_done(self, node: str, model: str, code: int, duration: float,
                      ttft: float | None) -> None:
@@ -99,6 +103,13 @@ class Metrics:
                 ("node", "model", "kind"), self.failures)
         counter("aivonx_rejected_total", "Requests refused by the proxy, by reason.",
                 ("reason",), self.rejected)
+        counter("aivonx_key_requests_total", "Inference requests by key name.",
+                ("key",), self.key_requests)
+        counter("aivonx_key_tokens_total", "Tokens by key name and kind (prompt, completion).",
+                ("key", "kind"), self.key_tokens)
+        counter("aivonx_key_rejected_total",
+                "Requests refused by key checks, by limit (unauthorized, model, rpm, "
+                "max_concurrent, daily_tokens, monthly_tokens).", ("limit",), self.key_rejected)
         histogram("aivonx_request_duration_seconds", "Whole relayed exchange.",
                   ("node", "model"), self.duration)
         histogram("aivonx_time_to_first_chunk_seconds",

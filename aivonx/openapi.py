@@ -32,6 +32,7 @@ RESPONSES: dict[str, dict[str, Any]] = {
     "NotFound": _error("No such resource"),
     "Conflict": _error("A node with this address and port exists already"),
     "TooManyRequests": _error("Too many failed logins; see the Retry-After header"),
+    "Forbidden": _error("Not allowed"),
     "ServerError": _error("The operation failed on some node"),
     "Unavailable": _error("No node is available"),
     "ValidationFailed": {
@@ -57,6 +58,24 @@ NODE_FIELDS = {
                "default": 1.0, "example": 1.0,
                "description": "Relative capacity for unequal hardware: a node of weight 3 "
                               "gets three times the share of one of weight 1"},
+}
+
+INFERENCE_AUTH = {"type": "string", "enum": ["open", "keys"],
+                  "description": "open: anyone who reaches the port may infer; keys: every "
+                                 "inference request needs a key"}
+_LIMIT = {"type": "integer", "minimum": 1, "maximum": 10 ** 15, "nullable": True}
+KEY_FIELDS = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 100, "example": "open-webui"},
+    "models": {"type": "array", "maxItems": 100, "items": {"type": "string"},
+               "example": ["llama3*"],
+               "description": "Model names or globs the key may use; empty: every model"},
+    "rpm": {**_LIMIT, "description": "Requests per minute (sliding window)"},
+    "max_concurrent": {**_LIMIT, "description": "Requests in flight, queued ones included"},
+    "daily_tokens": {**_LIMIT, "description": "Prompt + completion tokens per UTC day"},
+    "monthly_tokens": {**_LIMIT, "description": "Prompt + completion tokens per UTC month"},
+    "priority": {"type": "integer", "minimum": 1, "maximum": 100, "default": 1,
+                 "description": "Turns in the wait queue: priority 2 gets two for one"},
+    "expires_at": {"type": "string", "format": "date-time", "nullable": True},
 }
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -186,15 +205,64 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "strategy": {"type": "string"},
         "cache_load_factor": _LOAD_FACTOR,
         "strategies": {"type": "array", "items": {"type": "string"}, "readOnly": True},
-        "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"}}},
+        "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"},
+        "inference_auth": INFERENCE_AUTH}},
     "ConfigInput": {"type": "object", "required": ["strategy"],
                     "properties": {"strategy": {"type": "string", "example": "least_active"},
                                    "cache_load_factor": _LOAD_FACTOR,
-                                   "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"}}},
+                                   "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"},
+                                   "inference_auth": INFERENCE_AUTH}},
     "ConfigPatch": {"type": "object",
                     "properties": {"strategy": {"type": "string", "example": "round_robin"},
                                    "cache_load_factor": _LOAD_FACTOR,
-                                   "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"}}},
+                                   "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"},
+                                   "inference_auth": INFERENCE_AUTH}},
+    "ApiKey": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "kind": {"type": "string", "enum": ["inference", "admin"]},
+        "prefix": {"type": "string", "description": "The key's first characters, to tell "
+                                                     "keys apart; never the key"},
+        **KEY_FIELDS,
+        "created_at": {"type": "string", "format": "date-time"},
+        "last_used_at": {"type": "string", "format": "date-time", "nullable": True},
+        "revoked": {"type": "boolean"},
+        "revoked_at": {"type": "string", "format": "date-time", "nullable": True}}},
+    "NewApiKey": {"allOf": [{"$ref": "#/components/schemas/ApiKey"}, {
+        "type": "object", "properties": {"key": {
+            "type": "string", "example": "avx_3q2-7wEXAMPLEonly",
+            "description": "The key itself: shown in this answer only"}}}]},
+    "ApiKeyInput": {"type": "object", "required": ["name"], "properties": {
+        "kind": {"type": "string", "enum": ["inference", "admin"], "default": "inference",
+                 "description": "inference: the Ollama, OpenAI and Anthropic APIs; admin: "
+                                "also the management API and model operations"},
+        **KEY_FIELDS}},
+    "ApiKeyPatch": {"type": "object", "properties": KEY_FIELDS},
+    "ApiKeyPage": {"type": "object", "properties": {
+        "count": {"type": "integer"},
+        "next": {"type": "string", "nullable": True},
+        "previous": {"type": "string", "nullable": True},
+        "results": {"type": "array", "items": {"$ref": "#/components/schemas/ApiKey"}}}},
+    "UsageReport": {"type": "object", "properties": {
+        "from": {"type": "string", "nullable": True}, "to": {"type": "string", "nullable": True},
+        "group_by": {"type": "array", "items": {"type": "string"}},
+        "results": {"type": "array", "items": {"type": "object", "properties": {
+            "key_id": {"type": "integer"}, "key": {"type": "string"},
+            "model": {"type": "string"}, "hour": {"type": "string"}, "day": {"type": "string"},
+            "month": {"type": "string"},
+            "requests": {"type": "integer"}, "errors": {"type": "integer"},
+            "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+            "total_tokens": {"type": "integer"},
+            "estimated": {"type": "integer", "description": "Requests whose tokens were "
+                                                           "estimated (a /v1 stream without usage)"},
+            "node_ms": {"type": "integer"}}}}}},
+    "AuditPage": {"type": "object", "properties": {
+        "count": {"type": "integer"},
+        "next": {"type": "string", "nullable": True},
+        "previous": {"type": "string", "nullable": True},
+        "results": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
+            "actor": {"type": "string"}, "address": {"type": "string"},
+            "action": {"type": "string"}, "status": {"type": "integer"},
+            "detail": {"type": "string"}}}}}},
     "KeepAlivePolicy": {
         "type": "object", "additionalProperties": False,
         "description": "How long nodes keep a model loaded: applied to requests to "
@@ -272,6 +340,7 @@ TAGS = [
     {"name": "config", "description": "Routing configuration"},
     {"name": "nodes", "description": "The Ollama nodes behind the proxy"},
     {"name": "models", "description": "Model operations across the nodes"},
+    {"name": "keys", "description": "Inference and admin keys, their usage, the audit log"},
     {"name": "ollama", "description": "Ollama's own model operations, cluster-wide "
                                       "(admin token required)"},
     {"name": "inference", "description": "Ollama's API and its OpenAI and Anthropic "

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Hashable
 from dataclasses import dataclass, field
 
 from .prefix import RoutingHint
@@ -46,6 +46,7 @@ class Waiter:
     key: str
     exclude: frozenset[int]
     future: asyncio.Future
+    owner: Hashable = None        # whose request: an inference key's id
     since: float = field(default_factory=time.monotonic)
     hint: RoutingHint | None = None
 
@@ -57,7 +58,13 @@ class Scheduler:
         self.router = router
         self.max_queue = max_queue
         self.max_wait = max_wait
-        self.waiters: deque[Waiter] = deque()
+        # One FIFO per owner; the dict's order is the round-robin order,
+        # its first owner is served next. `turns` counts what the first
+        # owner may still take before it moves to the back.
+        self.queues: dict[Hashable, deque[Waiter]] = {}
+        self.priorities: dict[Hashable, int] = {}
+        self.turns: dict[Hashable, int] = {}
+        self._depth = 0
         self.queued_total = 0
         self.rejected_total = 0
         self.wait_seconds_total = 0.0
@@ -69,11 +76,62 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        return len(self.waiters)
+        return self._depth
+
+    @property
+    def waiters(self) -> list[Waiter]:
+        """Every waiting request, oldest first (for display)."""
+        return sorted((w for q in self.queues.values() for w in q), key=lambda w: w.since)
 
     def oldest_wait(self) -> float | None:
         """Seconds the longest-waiting request has waited so far."""
-        return time.monotonic() - self.waiters[0].since if self.waiters else None
+        if not self.queues:
+            return None
+        return time.monotonic() - min(q[0].since for q in self.queues.values())
+
+    def _enqueue(self, waiter: Waiter, priority: int) -> None:
+        queue = self.queues.get(waiter.owner)
+        if queue is None:
+            queue = self.queues[waiter.owner] = deque()
+            self.turns[waiter.owner] = priority
+        self.priorities[waiter.owner] = priority
+        queue.append(waiter)
+        self._depth += 1
+
+    def _requeue(self, waiter: Waiter) -> None:
+        """Back at the head of its owner's queue: a waiter whose slot the
+        cluster refused keeps its turn."""
+        queue = self.queues.get(waiter.owner)
+        if queue is None:
+            queue = self.queues[waiter.owner] = deque()
+            self.turns[waiter.owner] = self.priorities[waiter.owner] = 1
+        queue.appendleft(waiter)
+        self._depth += 1
+
+    def _dequeue(self, waiter: Waiter) -> bool:
+        queue = self.queues.get(waiter.owner)
+        if queue is None or waiter not in queue:
+            return False
+        queue.remove(waiter)
+        self._depth -= 1
+        if not queue:
+            self._forget(waiter.owner)
+        return True
+
+    def _forget(self, owner: Hashable) -> None:
+        del self.queues[owner]
+        self.turns.pop(owner, None)
+        self.priorities.pop(owner, None)
+
+    def _served(self, owner: Hashable) -> None:
+        """The owner took a turn: after its last one it goes to the back."""
+        if owner not in self.queues:
+            return
+        self.turns[owner] -= 1
+        if self.turns[owner] <= 0:
+            queue = self.queues.pop(owner)
+            self.queues[owner] = queue
+            self.turns[owner] = self.priorities.get(owner, 1)
 
     def _free_node(self, key: str, exclude: frozenset[int] | set[int],
                    eligible: list[NodeState] | None = None,
@@ -91,10 +149,12 @@ class Scheduler:
 
     async def acquire(self, key: str, exclude: set[int] = frozenset(),
                       abandoned: asyncio.Future | None = None,
-                      hint: RoutingHint | None = None) -> NodeState | None:
+                      hint: RoutingHint | None = None, owner: Hashable = None,
+                      priority: int = 1) -> NodeState | None:
         """A node with a slot reserved for this request. None when every node
         that has the model was tried already (`exclude`), or when the client
-        left (`abandoned` done) while waiting."""
+        left (`abandoned` done) while waiting. `owner` (an inference key)
+        and its `priority` decide the request's turn in the queue."""
         eligible = self.router.eligible(key)
         if all(n.id in exclude for n in eligible):
             return None
@@ -107,14 +167,14 @@ class Scheduler:
             node = await self._lease_any(key, exclude, eligible, hint)
             if node is not None:
                 return node
-        if len(self.waiters) >= self.max_queue:
+        if self._depth >= self.max_queue:
             self.rejected_total += 1
             raise QueueFull(f"all nodes are busy and {self.max_queue} requests are waiting")
         loop = asyncio.get_running_loop()
-        waiter = Waiter(key, frozenset(exclude), loop.create_future(), hint=hint)
-        self.waiters.append(waiter)
+        waiter = Waiter(key, frozenset(exclude), loop.create_future(), owner, hint=hint)
+        self._enqueue(waiter, max(1, priority))
         self.queued_total += 1
-        self.max_depth_seen = max(self.max_depth_seen, len(self.waiters))
+        self.max_depth_seen = max(self.max_depth_seen, self._depth)
         if self.shared is not None:
             self._poll()
         deadline = waiter.since + self.max_wait
@@ -138,7 +198,7 @@ class Scheduler:
                             return None
                         served = node
                         return served
-                    self.waiters.appendleft(waiter)  # keeps its turn for the next chance
+                    self._requeue(waiter)
                     self._poll()
                     continue
                 if abandoned is not None and abandoned.done():
@@ -180,20 +240,21 @@ class Scheduler:
             self._poller = asyncio.ensure_future(self._poll_while_waiting())
 
     async def _poll_while_waiting(self) -> None:
-        while self.waiters:
+        while self._depth:
             await asyncio.sleep(POLL)
             self.dispatch()
 
     @asynccontextmanager
     async def slot(self, key: str, exclude: set[int],
                    abandoned: asyncio.Future | None = None,
-                   hint: RoutingHint | None = None) -> AsyncIterator[Slot | None]:
+                   hint: RoutingHint | None = None, owner: Hashable = None,
+                   priority: int = 1) -> AsyncIterator[Slot | None]:
         """Hold a slot of the best free node for `key` (waiting in the queue
         if all are busy) for the duration of the block, and free it after.
         Yields None when every node was tried or the client left; raises
         Unroutable as acquire does."""
         asked = time.monotonic()
-        node = await self.acquire(key, exclude, abandoned, hint)
+        node = await self.acquire(key, exclude, abandoned, hint, owner, priority)
         if node is None:
             yield None
             return
@@ -207,8 +268,7 @@ class Scheduler:
     def _abandon(self, waiter: Waiter) -> None:
         """The waiter leaves unserved; a slot reserved for it in the meantime
         goes to the next one."""
-        if waiter in self.waiters:
-            self.waiters.remove(waiter)
+        self._dequeue(waiter)
         if waiter.future.done():
             self.release(waiter.future.result(), ok=True, counted=False)
         else:
@@ -225,15 +285,27 @@ class Scheduler:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand free slots to waiters, oldest first. Called whenever capacity
-        may have appeared: a request ended, a node came back or changed."""
-        for waiter in list(self.waiters):
-            try:
-                node = self._free_node(waiter.key, waiter.exclude, hint=waiter.hint)
-            except Unroutable:
-                continue  # its model is gone or down for now: it keeps waiting
-            if node is None:
-                continue
-            self.registry.begin(node)
-            self.waiters.remove(waiter)
-            waiter.future.set_result(node)
+        """Hand free slots to waiters: to the owners in round-robin order,
+        each owner's oldest request that a free node can serve. Called
+        whenever capacity may have appeared: a request ended, a node came
+        back or changed."""
+        while self._depth:
+            if not self._dispatch_one():
+                return
+
+    def _dispatch_one(self) -> bool:
+        """Serve one waiter of the first owner that has a servable one."""
+        for owner, queue in self.queues.items():
+            for waiter in queue:
+                try:
+                    node = self._free_node(waiter.key, waiter.exclude, hint=waiter.hint)
+                except Unroutable:
+                    continue  # its model is gone or down for now: it keeps waiting
+                if node is None:
+                    continue
+                self.registry.begin(node)
+                self._dequeue(waiter)
+                self._served(owner)
+                waiter.future.set_result(node)
+                return True
+        return False

@@ -1,4 +1,5 @@
-"""The durable truth for what admins configure: nodes, strategy, users, tokens.
+"""The durable truth for what admins configure: nodes, strategy, users,
+tokens, keys; and the usage and audit records.
 
 Routing never reads the database; the registry holds the live state. SQLite
 runs in WAL mode with synchronous=NORMAL, where a small write costs well
@@ -154,7 +155,65 @@ class Token(BaseModel):
         table_name = "token"
 
 
-MODELS = [Node, ProxyConfig, User, Token]
+class ApiKey(BaseModel):
+    """A long-lived key: "inference" keys for the Ollama/OpenAI/Anthropic
+    APIs, "admin" keys for tools that manage the cluster (they may infer
+    too). Only the SHA-256 of the key is stored; `prefix` identifies it."""
+    id = NeverReusedIdField()
+    name = peewee.CharField(max_length=100)
+    kind = peewee.CharField(max_length=16, default="inference")
+    key_hash = peewee.CharField(max_length=64, unique=True)
+    prefix = peewee.CharField(max_length=16)
+    user = peewee.ForeignKeyField(User, null=True, on_delete="SET NULL")  # who created it
+    models_json = peewee.TextField(default="[]")  # names or globs; empty: every model
+    rpm = peewee.IntegerField(null=True)
+    max_concurrent = peewee.IntegerField(null=True)
+    daily_tokens = peewee.BigIntegerField(null=True)
+    monthly_tokens = peewee.BigIntegerField(null=True)
+    priority = peewee.IntegerField(default=1)
+    expires_at = peewee.DateTimeField(null=True)
+    revoked_at = peewee.DateTimeField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    last_used_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        table_name = "api_key"
+
+
+class Usage(BaseModel):
+    """Counters per key, model and UTC hour, added to in batches. Key id 0
+    is the anonymous key (requests without a key under inference_auth
+    "open")."""
+    key_id = peewee.IntegerField()
+    model = peewee.CharField(max_length=200)
+    hour = peewee.DateTimeField()  # UTC, truncated to the hour
+    requests = peewee.BigIntegerField(default=0)
+    errors = peewee.BigIntegerField(default=0)
+    prompt_tokens = peewee.BigIntegerField(default=0)
+    completion_tokens = peewee.BigIntegerField(default=0)
+    estimated = peewee.BigIntegerField(default=0)  # requests whose tokens were estimated
+    node_ms = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "usage"
+        indexes = ((("key_id", "model", "hour"), True), (("hour",), False))
+
+
+class AuditEntry(BaseModel):
+    """An admin change, or a failed login: who, from where, when, what."""
+    id = NeverReusedIdField()
+    at = peewee.DateTimeField(default=utcnow, index=True)
+    actor = peewee.CharField(max_length=200)
+    address = peewee.CharField(max_length=100)
+    action = peewee.CharField(max_length=300)
+    status = peewee.IntegerField()
+    detail = peewee.TextField(default="")
+
+    class Meta:
+        table_name = "audit"
+
+
+MODELS = [Node, ProxyConfig, User, Token, ApiKey, Usage, AuditEntry]
 
 # PostgreSQL: the pool's size and the threads that use it. Admin writes are
 # rare; a few threads keep one slow write from queueing the others.
@@ -314,6 +373,22 @@ def get_config(key: str, default: Any = None) -> Any:
 def set_config(key: str, value: Any) -> None:
     ProxyConfig.insert(key=key, value=json.dumps(value)).on_conflict(
         conflict_target=[ProxyConfig.key], preserve=[ProxyConfig.value]).execute()
+
+
+_TIME_FORMATS = {  # (SQLite strftime, PostgreSQL to_char)
+    "hour": ("%Y-%m-%dT%H:00:00Z", 'YYYY-MM-DD"T"HH24:00:00"Z"'),
+    "day": ("%Y-%m-%d", "YYYY-MM-DD"),
+    "month": ("%Y-%m", "YYYY-MM"),
+}
+
+
+def format_time(column: Any, unit: str) -> Any:
+    """A timestamp column as text truncated to `unit` (hour, day, month),
+    in the SQL of the engine in use."""
+    sqlite_format, postgres_format = _TIME_FORMATS[unit]
+    if isinstance(database.obj, peewee.PostgresqlDatabase):
+        return peewee.fn.to_char(column, postgres_format).coerce(False)
+    return peewee.fn.strftime(sqlite_format, column)
 
 
 def set_configs(values: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
+from http.cookies import SimpleCookie
 from typing import Any, AsyncIterator
+from urllib.parse import urlencode
 
 import ollama
 import openai
@@ -270,3 +272,60 @@ async def run_to_end(*args: str, command: tuple[str, ...] = RUN_PY, env: dict | 
         env={**os.environ, **(env or {})}, cwd=cwd)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode, out.decode(errors="replace")
+
+
+class Browser:
+    """Just enough of a browser: a cookie jar, no redirects followed."""
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+        self.cookies: dict[str, str] = {}
+        self.set_cookies: dict[str, str] = {}  # raw Set-Cookie of the last answer, by name
+
+    async def request(self, method: str, path: str, fields: dict[str, str] | None = None,
+                      accept: str = "text/html", **headers: str) -> HTTPResponse:
+        jar = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        all_headers = {"Accept": accept, **headers, **({"Cookie": jar} if jar else {})}
+        body = None
+        if method == "POST":
+            body = urlencode(fields or {})
+            all_headers["Content-Type"] = "application/x-www-form-urlencoded"
+        client = AsyncHTTPClient(force_instance=True)
+        try:
+            response = await client.fetch(HTTPRequest(
+                self.proxy.url + path, method=method, body=body, headers=all_headers,
+                follow_redirects=False, request_timeout=30), raise_error=False)
+        finally:
+            client.close()
+        self.set_cookies = {}
+        for raw in response.headers.get_list("Set-Cookie"):
+            cookie = SimpleCookie(raw)
+            for name, morsel in cookie.items():
+                self.set_cookies[name] = raw
+                if not morsel.value:  # cleared
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+        return response
+
+    async def page(self, path: str = "/ui") -> str:
+        response = await self.request("GET", path)
+        assert response.code == 200, response.code
+        return response.body.decode()
+
+    async def xsrf(self, path: str = "/ui") -> str:
+        """A form token, as a page carries it (signed out, /ui has no form)."""
+        match = re.search(r'name="_xsrf" value="([^"]+)"', await self.page(path))
+        if match is None:
+            return await self.xsrf("/ui/login")
+        return match.group(1)
+
+    async def post(self, path: str, fields: dict[str, str], accept: str = "text/html",
+                   **headers: str) -> HTTPResponse:
+        fields = {"_xsrf": await self.xsrf(), **fields}
+        return await self.request("POST", path, fields, accept, **headers)
+
+    async def sign_in(self, password: str = ROOT_PASSWORD) -> HTTPResponse:
+        token = await self.xsrf("/ui/login")
+        return await self.request("POST", "/ui/login", {
+            "_xsrf": token, "username": "root", "password": password})

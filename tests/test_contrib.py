@@ -20,7 +20,7 @@ PROMETHEUS = os.path.join(ROOT, "contrib", "prometheus", "prometheus.yml")
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
              "and", "or", "unless", "le", "inf", "nan"}
 # Counters of rare events: before the first one only their family is declared.
-_MAY_HAVE_NO_SAMPLE = {"aivonx_rejected_total"}
+_MAY_HAVE_NO_SAMPLE = {"aivonx_rejected_total", "aivonx_key_rejected_total"}
 
 
 def queries(dashboard: dict) -> list[str]:

@@ -64,6 +64,7 @@ async def test_json_log_lines_with_access_fields(io_loop, make_node, tmp_path):
     assert {k: access[k] for k in ("method", "path", "status", "model")} == {
         "method": "POST", "path": "/api/generate", "status": 200, "model": "llama3:latest"}
     assert access["node"] == response.headers["X-Aivonx-Node"]
+    assert access["key"] == "anonymous"  # inference_auth "open": no key needed
     assert isinstance(access["duration_ms"], float) and access["duration_ms"] >= 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", access["time"])
 

@@ -3,6 +3,7 @@ schemathesis against every documented operation."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import sys
@@ -51,10 +52,12 @@ async def test_schema_is_valid_openapi_covering_every_endpoint(io_loop, make_pro
                                                                    "scheme": "bearer"}
     documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
     for pattern, handler, _ in documented_routes(None):
-        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
-        path = re.sub(r"\([^)]*\)", "{node_id}", path)
         for method in ("get", "post", "put", "patch", "delete"):
             if method in handler.__dict__:
+                # A path parameter is named after the method's argument.
+                arguments = list(inspect.signature(handler.__dict__[method]).parameters)[1:]
+                path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+                path = re.sub(r"\([^)]*\)", "{%s}" % (arguments or ["_"])[0], path)
                 assert (path, method) in documented, (path, method)
                 operation = spec["paths"][path][method]
                 assert operation["responses"] and operation["summary"]
@@ -62,6 +65,8 @@ async def test_schema_is_valid_openapi_covering_every_endpoint(io_loop, make_pro
                 if protected is not None:
                     assert operation["security"] == [{"bearerAuth": []}], (path, method)
                     assert "401" in operation["responses"], (path, method)
+    assert {"/api/proxy/keys", "/api/proxy/keys/{key_id}", "/api/proxy/usage",
+            "/api/proxy/audit"} <= set(spec["paths"])
     assert {"/api/account/login", "/api/proxy/nodes/{node_id}", "/api/proxy/pull",
             "/api/pull"} <= set(spec["paths"])
     # The relayed API, new dialects included, is documented too.

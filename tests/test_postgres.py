@@ -97,3 +97,23 @@ async def test_an_unreachable_database_answers_503_and_serving_goes_on(
         added = await call(proxy, "POST", "/api/proxy/nodes", {"address": "127.0.0.1:3"},
                            token=token)
     assert added.code == 201, added
+
+
+async def test_keys_usage_and_audit_work_on_postgresql(io_loop, make_node, make_proxy,
+                                                       postgres_url):
+    fake = await make_node()
+    proxy = await make_proxy([fake], db=postgres_url)
+    token = await login(proxy)
+    key = await call(proxy, "POST", "/api/proxy/keys", {"name": "alice"}, token=token)
+    assert key.code == 201, key
+    client = ollama.AsyncClient(host=proxy.url,
+                                headers={"Authorization": f"Bearer {key.json['key']}"})
+    assert (await client.generate(model="llama3", prompt="hi", stream=False)).done
+    proxy.ctx.keys.flush()
+    for group in ("hour", "day", "month"):
+        usage = await call(proxy, "GET", f"/api/proxy/usage?group_by=key,{group}", token=token)
+        assert usage.code == 200, usage
+        rows = [r for r in usage.json["results"] if r["key"] == "alice"]
+        assert len(rows) == 1 and rows[0]["requests"] == 1, usage.json
+    audit = await call(proxy, "GET", "/api/proxy/audit", token=token)
+    assert audit.code == 200 and audit.json

@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
+from urllib.parse import parse_qsl
 
 import tornado.web
 
@@ -13,6 +15,8 @@ from ..context import Context
 from ..errors import ApiError, error_body
 from ..requestid import HEADER as REQUEST_ID_HEADER, request_id
 from ..intake import release_body
+from ..keys import Key
+from ..keys.keyring import KEY_PREFIX
 
 log = logging.getLogger("aivonx.http")
 
@@ -44,11 +48,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         "path": request.path,
         "node": handler._headers.get("X-Aivonx-Node"),
         "model": getattr(handler, "log_model", None),
+        "key": getattr(handler, "log_key", None),
         "status": status,
         "duration_ms": round(1000.0 * request.request_time(), 2),
         "remote_ip": request.remote_ip,
     }
-    extra = "".join(f" {name}={fields[name]}" for name in ("node", "model")
+    extra = "".join(f" {name}={fields[name]}" for name in ("node", "model", "key")
                     if fields[name] is not None)
     access_log.log(level, "%d %s %.2fms id=%s%s", status, handler._request_summary(),
                    fields["duration_ms"], fields["request_id"], extra,
@@ -90,7 +95,12 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
     def compute_etag(self) -> None:
         return None
 
+    # Changes through this handler go to the audit log (aivonx.keys.audit).
+    audited = False
+
     def on_finish(self) -> None:
+        if self.audited and self.request.method in CHANGES:
+            self._audit()
         # A RequestHandler sits in a reference cycle (its ui namespace points
         # back at it): without this its request body would stay in memory
         # until Python's next full garbage collection.
@@ -104,10 +114,53 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         return (token.strip() or None) if scheme.lower() == "bearer" else None
 
+    def client_key(self) -> str | None:
+        """The key an inference client sends: as a bearer token (ollama and
+        OpenAI clients) or as `x-api-key` (Anthropic clients)."""
+        return self.bearer_token() or (self.request.headers.get("x-api-key", "").strip()
+                                       or None)
+
+    def inference_key(self) -> Key:
+        """The key of an inference request (401 under inference_auth "keys"
+        without a valid one; the anonymous key under "open")."""
+        return self.ctx.keys.identify(self.client_key())
+
+    admin_key: Key | None = None
+
     def get_current_user(self) -> Any:
-        """The user of a valid `Authorization: Bearer` access token, else None.
-        Only handlers that ask for it look: inference endpoints ignore tokens."""
-        return self.ctx.auth.user_for(self.bearer_token())
+        """The user of a valid `Authorization: Bearer` access token, or the
+        creator of a valid admin key, else None. Only handlers that ask for
+        it look: inference endpoints ignore tokens."""
+        token = self.bearer_token()
+        if token is not None and token.startswith(KEY_PREFIX):
+            key = self.ctx.keys.keyring.check(token)
+            if key is None or key.kind != "admin":
+                return None
+            self.ctx.keys.keyring.touch(key, time.time())
+            self.admin_key = key
+            user = store.User.get_or_none(store.User.id == key.user_id) \
+                if key.user_id is not None else None
+            return user if user is not None else KeyUser(key)
+        return self.ctx.auth.user_for(token)
+
+    def _audit(self) -> None:
+        try:
+            user = self.current_user
+        except Exception:  # the store failing must not fail the answer
+            return
+        if user is None:
+            return  # refused before anything could change: not an admin's act
+        self.ctx.keys.audit.record(self.actor(), self.request.remote_ip or "",
+                                   f"{self.request.method} {self.request.path}",
+                                   self.get_status(), audit_detail(self.request.body))
+
+    def actor(self) -> str:
+        """Who is asking, for the audit log."""
+        user = self.current_user
+        name = getattr(user, "username", None) or "anonymous"
+        if self.admin_key is not None:
+            return f"{name} (key '{self.admin_key.name}')"
+        return name
 
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -192,6 +245,43 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
         return data
+
+
+CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SECRET_FIELDS = ("password", "key", "token", "refresh", "access", "secret", "_xsrf")
+
+
+def audit_detail(body: bytes) -> str:
+    """What a change asked for, in short: the body's small fields, never a
+    secret."""
+    if not body or len(body) > 16 * 1024:
+        return ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = dict(parse_qsl(body.decode("utf-8", "replace")))
+    if not isinstance(data, dict):
+        return ""
+    shown = {k: v for k, v in data.items() if isinstance(k, str)
+             and not any(s in k.lower() for s in SECRET_FIELDS)
+             and (v is None or isinstance(v, (str, int, float, bool, list)))}
+    return json.dumps(shown, separators=(",", ":"), default=str)[:500]
+
+
+class KeyUser:
+    """Whom an admin key acts for when the user who created it is gone."""
+
+    def __init__(self, key: Key) -> None:
+        self.id = None
+        self.username = f"key:{key.name}"
+
+
+class InferenceListing(BaseHandler):
+    """Listings of what may be inferred with (tags, ps, /v1/models): they
+    need a key as inference does under inference_auth "keys"."""
+
+    def prepare(self) -> None:
+        self.inference_key()
 
 
 class NotFoundHandler(BaseHandler):

@@ -52,6 +52,7 @@ class FormHandler(PageHandler):
     message (plain form) or JSON (the page's script)."""
 
     form = "form"  # which form of the page, to reopen it on errors
+    audited = True
 
     def prepare(self) -> None:
         if self.request.method != "POST":

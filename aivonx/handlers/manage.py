@@ -25,7 +25,9 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
 class ManageHandler(BaseHandler):
     """JSON in, JSON out; errors `{"error": ...}`, validation errors with
-    the message of each field under `fields`."""
+    the message of each field under `fields`. Changes are audited."""
+
+    audited = True
 
     # A body that is no JSON object is a validation error like any other:
     # its 400 names `non_field_errors` under `fields`. Ollama's own model
@@ -162,11 +164,12 @@ class ConfigHandler(ManageHandler):
     def config(self) -> dict[str, Any]:
         return {"strategy": self.ctx.router.strategy, "strategies": list(STRATEGIES),
                 "cache_load_factor": self.ctx.router.load_factor,
-                "keep_alive": self.ctx.keep_alive.as_dict()}
+                "keep_alive": self.ctx.keep_alive.as_dict(),
+                "inference_auth": self.ctx.keys.mode}
 
     @admin_required
     def get(self) -> None:
-        """The routing configuration.
+        """The routing configuration and who may infer.
         ---
         tags: [config]
         summary: Routing configuration
@@ -184,6 +187,9 @@ class ConfigHandler(ManageHandler):
         # Validate everything, store it in one transaction, then apply it:
         # a refused or failed write changes nothing.
         changes: dict[str, Any] = {}
+        if "inference_auth" in body:
+            self.ctx.keys.check_mode(body["inference_auth"])
+            changes["inference_auth"] = body["inference_auth"]
         if "cache_load_factor" in body:
             changes["cache_load_factor"] = nodes.check_load_factor(body["cache_load_factor"])
         if "keep_alive" in body:
@@ -203,6 +209,8 @@ class ConfigHandler(ManageHandler):
             self.ctx.nodes.strategy_saved(changes["strategy"])
         if "cache_load_factor" in changes:
             self.ctx.nodes.load_factor_saved(changes["cache_load_factor"])
+        if "inference_auth" in changes:
+            self.ctx.keys.mode_saved(changes["inference_auth"])
         self.write_json(self.config())
 
     @admin_required

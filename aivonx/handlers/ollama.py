@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from .. import catalog
-from .base import BaseHandler
+from .base import BaseHandler, InferenceListing
 from .relayed import NUMBER, ModelRelayHandler
 
 
@@ -41,7 +41,7 @@ class VersionHandler(BaseHandler):
         self.finish()
 
 
-class TagsHandler(BaseHandler):
+class TagsHandler(InferenceListing):
     async def get(self) -> None:
         self.write_encoded_json(await self.ctx.listings.tags_json())
 
@@ -50,7 +50,7 @@ class TagsHandler(BaseHandler):
         self.finish()
 
 
-class PsHandler(BaseHandler):
+class PsHandler(InferenceListing):
     async def get(self) -> None:
         self.write_json({"models": await self.ctx.listings.ps()})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import catalog, modelnames
 from ..errors import ApiError
-from .base import BaseHandler
+from .base import InferenceListing
 from .relayed import ModelRelayHandler
 
 
@@ -37,14 +37,14 @@ class ResponsesHandler(OpenAIHandler):
               "reasoning": (dict,), "text": (dict,)}
 
 
-class ModelsHandler(BaseHandler):
+class ModelsHandler(InferenceListing):
     error_style = "openai"
 
     async def get(self) -> None:
         self.write_encoded_json(await self.ctx.listings.openai_models_json())
 
 
-class ModelHandler(BaseHandler):
+class ModelHandler(InferenceListing):
     error_style = "openai"
 
     async def get(self, model: str) -> None:

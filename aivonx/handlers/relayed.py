@@ -15,6 +15,7 @@ from ..relay import ClientSink, Exchange
 from ..router import NoHealthyNode, NoSuchModel
 from ..scheduler import QueueFull, QueueTimeout
 from ..errors import ApiError
+from ..keys import UNKNOWN_MODEL, Key, Meter
 from .base import INLINE_JSON_LIMIT, BaseHandler
 
 # Seconds a client is told to wait when every node is busy or down.
@@ -60,6 +61,9 @@ class ModelRelayHandler(BaseHandler):
     fields: dict[str, tuple[type, ...]] = {}
     # Ollama's own not-found wording differs between endpoints.
     not_found = "model '{}' not found"
+    # Where the answer carries its token counts (aivonx.keys.meter.READERS);
+    # None: as the error dialect says.
+    usage_style: str | None = None
 
     # The field that, empty with keep_alive 0, makes the request an unload.
     unload_field: str | None = None
@@ -71,6 +75,7 @@ class ModelRelayHandler(BaseHandler):
     exchange: Exchange | None = None
     unloading: Cancel | None = None
     log_model: str | None = None
+    log_key: str | None = None
     client_gone = False
 
     max_body = None  # prompts with images: up to the server-wide limit
@@ -118,6 +123,8 @@ class ModelRelayHandler(BaseHandler):
 
     async def post(self) -> None:
         received_at = time.monotonic()
+        client = self.inference_key()
+        self.log_key = client.name  # for the access log
         body = await self.relay_body()
         check_types(body, {**COMMON_FIELDS, **self.fields})
         name = self.model_name(body)
@@ -128,20 +135,39 @@ class ModelRelayHandler(BaseHandler):
         relayed = self.request.body
         if self.keeps_models_loaded:
             relayed = ctx.keep_alive.apply(key, body, relayed) or relayed
-        if self.unload_field is not None and is_unload(body, self.unload_field):
-            if await self.unload(name, key, body):
-                return
-        self.log_model = ctx.registry.model_label(key)  # for the access log
+        ctx.keys.admit(client, key, name)
+        self.log_model = ctx.registry.model_label(key)  # also for the access log
         hint = (prefix.routing_hint(key, body, self.request.headers, self.request.body)
                 if self.prompted and ctx.router.strategy == "cache_aware" else None)
+        meter: Meter | None = Meter(self.usage_style or self.error_style,
+                                    prompt_estimate=len(self.request.body) // 4)
+        usage_model = self.log_model
+        try:
+            if self.unload_field is not None and is_unload(body, self.unload_field):
+                if await self.unload(name, key, body):
+                    meter = None  # answered by the proxy: no tokens, no error
+                    return
+            await self.relay(client, name, key, relayed, meter, received_at, hint)
+        except NoSuchModel:
+            usage_model = UNKNOWN_MODEL  # never a usage row named by what a client sent
+            raise ApiError(404, self.not_found.format(name[:200])) from None
+        finally:
+            ctx.keys.finish(client, usage_model, meter)
+        if not self.client_gone and not self.request.connection.stream.closed():
+            self.finish()
+
+    async def relay(self, client: Key, name: str, key: str, relayed: bytes, meter: Meter,
+                    received_at: float, hint: Any) -> None:
+        """Relay to the best node for the model; the proxy's own refusals
+        as errors in the client's dialect."""
+        ctx = self.ctx
         self.exchange = Exchange(ctx.relay, ClientSink(self, self.error_style),
                                  self.request.method, self.request.uri, self.request.headers,
-                                 relayed, model=self.log_model, received_at=received_at,
-                                 hint=hint)
+                                 relayed, model=self.log_model,
+                                 received_at=received_at, owner=client.id,
+                                 priority=client.priority, observer=meter, hint=hint)
         try:
             await self.exchange.run(key)
-        except NoSuchModel:
-            raise ApiError(404, self.not_found.format(name[:200])) from None
         except NoHealthyNode:
             ctx.metrics.rejected[("no_healthy_node",)] += 1
             raise ApiError(503, f"no node that has model '{name[:200]}' is available; "
@@ -152,8 +178,6 @@ class ModelRelayHandler(BaseHandler):
                            {"Retry-After": str(RETRY_AFTER)}) from None
         finally:
             self.exchange = None  # the exchange points back at this handler
-        if not self.client_gone and not self.request.connection.stream.closed():
-            self.finish()
 
     async def unload(self, name: str, key: str, body: dict[str, Any]) -> bool:
         """Every node holding the model in memory lets it go, answered once.

@@ -17,7 +17,7 @@ import errno
 import logging
 import ssl
 import time
-from typing import Callable
+from typing import Callable, Hashable, Protocol
 
 from tornado import httputil
 from tornado.httpclient import HTTPResponse
@@ -106,6 +106,9 @@ class Attempt:
             return
         if self.first_chunk_at is None:
             self.first_chunk_at = self.last_activity
+        observer = self.exchange.observer
+        if observer is not None:
+            observer.chunk(chunk)
         await self.exchange.sink.chunk(chunk)
 
     @property
@@ -118,19 +121,31 @@ class Attempt:
         self.error = response.error.with_traceback(None) if response.error else None
 
 
+class Observer(Protocol):
+    """Sees the answer a client gets: each forwarded chunk, then its end
+    (status, seconds on the node, whether the node failed). Must be cheap:
+    it runs once per chunk on the event loop."""
+
+    def chunk(self, data: bytes) -> None: ...
+
+    def end(self, status: int, node_seconds: float, failed: bool) -> None: ...
+
+
 class Exchange:
     """A client request relayed to the first node that takes it.
 
     Nodes come from the scheduler one at a time, each with a slot held for
     the attempt; a node that fails before anything reached the client is
     excluded and the next one is asked for, waiting in the queue if all are
-    busy.
+    busy. `owner` and `priority` (the client's key) place it in the fair
+    queue; `observer` sees what is forwarded (usage accounting).
     """
 
     def __init__(self, relay: "Relay", sink: ClientSink, method: str, path: str,
                  headers: httputil.HTTPHeaders, body: bytes | None,
                  model: str = "", received_at: float | None = None,
-                 hint: RoutingHint | None = None) -> None:
+                 hint: RoutingHint | None = None, owner: Hashable = None,
+                 priority: int = 1, observer: Observer | None = None) -> None:
         self.relay = relay
         self.sink = sink
         self.method = method
@@ -144,6 +159,9 @@ class Exchange:
         self.cancelled = False
         self.gone: asyncio.Future = asyncio.get_running_loop().create_future()
         self.attempt: Attempt | None = None
+        self.owner = owner
+        self.priority = priority
+        self.observer = observer
 
     def cancel(self) -> None:
         """The client went away: close the upstream connection now."""
@@ -166,8 +184,9 @@ class Exchange:
         try:
             while not self.cancelled:
                 try:
-                    async with self.relay.scheduler.slot(key, tried, self.gone,
-                                                         self.hint) as slot:
+                    async with self.relay.scheduler.slot(key, tried, self.gone, self.hint,
+                                                         owner=self.owner,
+                                                         priority=self.priority) as slot:
                         if slot is None:
                             break
                         attempt = await self._attempt(slot, key, tried)
@@ -208,6 +227,9 @@ class Exchange:
         self.attempt = attempt
         attempt.ended(await self.relay.fetch(self, attempt))
         slot.ok = not attempt.failed or self.cancelled
+        if attempt.forwarding and self.observer is not None:
+            self.observer.end(attempt.status or 599, time.monotonic() - attempt.started,
+                              attempt.failed)
         return attempt
 
     def _more_candidates(self, key: str, tried: set[int]) -> bool:
