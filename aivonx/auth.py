@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, TypeVar
 
+import peewee
 from tornado.ioloop import IOLoop
 
 from . import store
@@ -223,7 +224,7 @@ class Auth:
         # guesses cannot all pass the check above before one is counted.
         self.throttle.reserve(key)
         address_stamp = self.address_throttle.reserve(address)
-        user = store.User.get_or_none(store.User.username == username) \
+        user = await store.run(store.User.get_or_none, store.User.username == username) \
             if USERNAME.fullmatch(username) else None
         if user is None:
             # Spend the same time as for a real user: no probing for names.
@@ -254,12 +255,13 @@ class Auth:
 
     def login(self, user: store.User) -> dict[str, Any]:
         """An access and a refresh token of a new family, as login answers."""
-        self._purge_expired()
-        family = secrets.token_hex(16)
-        return {"access": self.issue(user, "access", family),
-                "refresh": self.issue(user, "refresh", family),
-                "token_type": "Bearer",
-                "expires_in": int(TOKEN_LIFETIMES["access"].total_seconds())}
+        with store.database.atomic():
+            self._purge_expired()
+            family = secrets.token_hex(16)
+            return {"access": self.issue(user, "access", family),
+                    "refresh": self.issue(user, "refresh", family),
+                    "token_type": "Bearer",
+                    "expires_in": int(TOKEN_LIFETIMES["access"].total_seconds())}
 
     def refresh(self, refresh_token: Any) -> str:
         """A new access token for a valid refresh token (same family)."""
@@ -303,14 +305,19 @@ class Auth:
         if not isinstance(username, str) or not USERNAME.fullmatch(username):
             raise ValueError("username must be 1-150 letters, digits or @.+_-")
         hashed = await _in_executor(hash_password, check_new_password(password))
-        user = store.User.get_or_none(store.User.username == username)
-        if user is None:
-            store.User.create(username=username, password_hash=hashed)
-            return True
-        user.password_hash = hashed
-        user.save()
-        store.Token.update(revoked=True).where(store.Token.user == user).execute()
-        return False
+        return await store.run(self._store_password, username, hashed)
+
+    @staticmethod
+    def _store_password(username: str, hashed: str) -> bool:
+        with store.database.atomic():
+            user = store.User.get_or_none(store.User.username == username)
+            if user is None:
+                store.User.create(username=username, password_hash=hashed)
+                return True
+            user.password_hash = hashed
+            user.save()
+            store.Token.update(revoked=True).where(store.Token.user == user).execute()
+            return False
 
     def ensure_root(self) -> str | None:
         """Create user root at first start, with the configured password or
@@ -323,7 +330,10 @@ class Auth:
         elif len(password) < MIN_PASSWORD:
             log.warning("the root password is shorter than %d characters", MIN_PASSWORD)
         # Once, at start-up before serving: hashing inline is acceptable here.
-        store.User.create(username="root", password_hash=hash_password(password))
+        try:
+            store.User.create(username="root", password_hash=hash_password(password))
+        except peewee.IntegrityError:
+            return None  # another instance sharing the database created it just now
         log.info("created user root")
         return generated
 

@@ -53,6 +53,7 @@ async def shutdown(ctx, server, grace: float) -> None:
         log.warning("shutting down: closing %d request(s) still in flight", left)
     await server.close_all_connections()
     ctx.close()
+    await ctx.wait_closed()
     log.info("stopped")
 
 

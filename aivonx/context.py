@@ -6,13 +6,17 @@ starts the monitor and closes everything at shutdown.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 
 import peewee
 from tornado.ioloop import PeriodicCallback
 
 from . import store
 from .auth import Auth
+from .cluster import Cluster, SharedSlots
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .keepalive import KeepAlivePolicy
@@ -56,8 +60,9 @@ class Context:
                                on_status_changed=self._status_changed)
         self.nodes = NodeService(self.registry, self.router, self.scheduler, self.monitor,
                                  self.tasks, close_idle=self.relay.client.close_idle,
-                                 share=lambda slots: slot_share(slots, settings.worker_index,
-                                                                settings.workers))
+                                 # With --redis the slots are shared exactly instead.
+                                 share=lambda slots: slots if settings.redis else slot_share(
+                                     slots, settings.worker_index, settings.workers))
         self.monitor.on_models_changed = self.nodes.models_changed
         self.listings = Listings(self.registry, self.router, self.monitor.client,
                                  settings.probe_timeout,
@@ -79,6 +84,13 @@ class Context:
         self.db: peewee.Database | None = None
         self.db_lock: DatabaseLock | None = None
         self._refresher: PeriodicCallback | None = None
+        self.instance = settings.instance_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.cluster: Cluster | None = None
+        self._leaving: asyncio.Future | None = None
+        if settings.redis:
+            self.cluster = Cluster(settings.redis, self.instance, self.nodes, self.keep_alive)
+            self.scheduler.shared = SharedSlots(self.cluster)
+            self.nodes.on_change = self.cluster.publish
 
     def _status_changed(self, node: NodeState) -> None:
         if not node.healthy:
@@ -90,12 +102,14 @@ class Context:
         another process or cannot be opened."""
         if self.settings.worker_lock_fd is not None:  # a worker: its supervisor holds it
             self.db_lock = inherited_lock(self.settings.db, self.settings.worker_lock_fd)
-        else:
+        # Instances share a PostgreSQL database; a SQLite file is one process's.
+        elif not store.is_postgres(self.settings.db):
             self.db_lock = DatabaseLock(self.settings.db)
         try:
             self.db = store.open_database(self.settings.db)
         except store.StoreError:
-            self.db_lock.release()
+            if self.db_lock is not None:
+                self.db_lock.release()
             raise
         generated = self.auth.ensure_root()
         if generated:
@@ -105,9 +119,13 @@ class Context:
         self.keep_alive.load(store.get_config("keep_alive"))
         self.keys.load()
         self.keys.warn_if_exposed()
+        store.release_connection()
 
     async def start(self) -> None:
-        """Probe every node once before serving, then keep probing."""
+        """Join the cluster, probe every node once before serving, then keep
+        probing."""
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.monitor.probe_all()
         self.monitor.start()
         self.keys.start()
@@ -134,6 +152,11 @@ class Context:
         if mode in MODES:
             self.keys.mode = mode
 
+    async def wait_closed(self) -> None:
+        """After close(): until the cluster was told this instance left."""
+        if self._leaving is not None:
+            await asyncio.gather(self._leaving, return_exceptions=True)
+
     def close(self) -> None:
         self.tasks.cancel_all()
         self.trimmer.stop()
@@ -141,8 +164,10 @@ class Context:
             self._refresher.stop()
         self.monitor.stop()
         self.relay.close()
+        if self.cluster is not None:
+            self._leaving = self.cluster.stop()
         if self.db is not None:
             self.keys.close()  # the last usage batch
-            self.db.close()
+            store.close_database(self.db)
         if self.db_lock is not None:
             self.db_lock.release()

@@ -67,7 +67,7 @@ class Metrics:
     def failure(self, node: str, model: str, kind: str) -> None:
         self.failures[(node, model, kind)] += 1
 
-    def render(self, registry: Registry, scheduler: Scheduler) -> str:
+    def render(self, registry: Registry, scheduler: Scheduler, cluster: Any = None) -> str:
         """The whole exposition, built at scrape time."""
         out: list[str] = []
 
@@ -145,5 +145,14 @@ class Metrics:
         out.append(f"aivonx_queue_depth {scheduler.depth}")
         family("aivonx_queue_limit", "gauge", "Most requests allowed to wait.")
         out.append(f"aivonx_queue_limit {scheduler.max_queue}")
+        if cluster is not None:
+            family("aivonx_redis_connected", "gauge",
+                   "1 while Redis answers and node slots are counted cluster-wide, 0 while "
+                   "each instance counts its share locally.")
+            out.append(f"aivonx_redis_connected {int(cluster.connected)}")
+            family("aivonx_redis_outages_total", "counter", "Times Redis became unreachable.")
+            out.append(f"aivonx_redis_outages_total {cluster.outages}")
+            family("aivonx_cluster_instances", "gauge", "Instances alive in the cluster.")
+            out.append(f"aivonx_cluster_instances {len(cluster.instances)}")
         return "\n".join(out) + "\n"
 

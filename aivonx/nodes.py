@@ -177,6 +177,9 @@ class NodeService:
         # with one worker.
         self.share = share
         self.persist = False  # set once the store is open
+        # Told of every admin change ("node", id) or ("strategy", None), to
+        # tell the other instances (aivonx.cluster); nothing by default.
+        self.on_change: Callable[[str, int | None], None] = lambda kind, key: None
 
     # -- start-up --------------------------------------------------------------
     def load(self, urls: list[str], fallback: str | None = None) -> None:
@@ -192,7 +195,12 @@ class NodeService:
             address, port = parse_node_url(url)
             if not store.Node.select().where((store.Node.address == address)
                                              & (store.Node.port == port)).exists():
-                store.Node.create(name=default_name(address, port), address=address, port=port)
+                try:
+                    with store.database.atomic():
+                        store.Node.create(name=default_name(address, port), address=address,
+                                          port=port)
+                except peewee.IntegrityError:
+                    continue  # another instance sharing the database added it just now
                 log.info("added node %s:%s", address, port)
         strategy = store.get_config("strategy", DEFAULT_STRATEGY)
         self.router.strategy = strategy if strategy in STRATEGIES else DEFAULT_STRATEGY
@@ -244,19 +252,29 @@ class NodeService:
     def models_changed(self, state: NodeState) -> None:
         """A node's model list changed (probe or listing): keep it, so routing
         works from the first request after a restart."""
-        if self.persist:
-            store.save_models(state.id, sorted(state.models.values()))
+        if not self.persist:
+            return
+        models = sorted(state.models.values())
+        if store.offloaded():
+            self.tasks.spawn(store.run(store.save_models, state.id, models),
+                             f"saving the models of node {state.name}")
+        else:
+            store.save_models(state.id, models)
 
     def probe_soon(self, state: NodeState) -> None:
         self.tasks.spawn(self.monitor.probe(state), f"probe of node {state.name}")
 
     # -- admin changes ---------------------------------------------------------
+    # Each change is its store part (validation reads and the write, in one
+    # transaction, safe in the store's threads) and its registry part (on the
+    # event loop). The sync methods run the store part inline (start-up,
+    # SQLite); the `*_async` ones through store.run, which on PostgreSQL keeps
+    # the round trips off the event loop.
     def create(self, data: Any) -> store.Node:
-        values = _clean(data, None, partial=False)
-        node = _saved(lambda: store.Node.create(**values))
-        self.probe_soon(self.sync(node))
-        log.info("added node %s (%s:%s)", node.name, node.address, node.port)
-        return node
+        return self._created(self._insert(data))
+
+    async def create_async(self, data: Any) -> store.Node:
+        return self._created(await store.run(self._insert, data))
 
     def update(self, node_id: int, data: Any, partial: bool) -> store.Node:
         """Change a node (PUT: address required; PATCH: any subset). Moving it
@@ -265,57 +283,160 @@ class NodeService:
         finish). New slots or weight apply to the next routing decision: more
         slots hand waiting requests to the node at once, fewer let the ones
         in flight finish."""
-        node = store.Node.get_or_none(store.Node.id == node_id)
-        if node is None:
-            raise LookupError(node_id)
-        values = _clean(data, node, partial)
-        moved = (values.get("address", node.address), values["port"]) != (node.address, node.port)
-        enabled = values.get("active", node.active) and not node.active
-        drained = node.active and not values.get("active", node.active)
-        old_url = base_url(node.address, node.port)
-        for field, value in values.items():
-            setattr(node, field, value)
-        if moved:
-            node.models_json = "[]"
-        _saved(node.save)
+        return self._updated(*self._save(node_id, data, partial))
+
+    async def update_async(self, node_id: int, data: Any, partial: bool) -> store.Node:
+        return self._updated(*await store.run(self._save, node_id, data, partial))
+
+    def delete(self, node_id: int) -> None:
+        """Forget a node; requests it is serving finish, no new ones go there."""
+        self._deleted(self._remove(node_id))
+
+    async def delete_async(self, node_id: int) -> None:
+        self._deleted(await store.run(self._remove, node_id))
+
+    def set_strategy(self, name: Any) -> None:
+        """Switch the routing strategy for the next request, and keep it."""
+        store.set_config("strategy", check_strategy(name))
+        self.strategy_saved(name)
+
+    async def set_strategy_async(self, name: Any) -> None:
+        await store.run(store.set_config, "strategy", check_strategy(name))
+        self.strategy_saved(name)
+
+    # store parts: no registry, no event loop
+    @staticmethod
+    def _insert(data: Any) -> store.Node:
+        with store.database.atomic():
+            values = _clean(data, None, partial=False)
+            return _saved(lambda: store.Node.create(**values))
+
+    @staticmethod
+    def _save(node_id: int, data: Any, partial: bool) -> tuple[store.Node, dict, bool, bool,
+                                                                bool, str]:
+        with store.database.atomic():
+            node = store.Node.get_or_none(store.Node.id == node_id)
+            if node is None:
+                raise LookupError(node_id)
+            values = _clean(data, node, partial)
+            moved = ((values.get("address", node.address), values["port"])
+                     != (node.address, node.port))
+            enabled = values.get("active", node.active) and not node.active
+            drained = node.active and not values.get("active", node.active)
+            old_url = base_url(node.address, node.port)
+            for field, value in values.items():
+                setattr(node, field, value)
+            if moved:
+                node.models_json = "[]"
+            _saved(node.save)
+        return node, values, moved, enabled, drained, old_url
+
+    @staticmethod
+    def _remove(node_id: int) -> store.Node:
+        with store.database.atomic():
+            node = store.Node.get_or_none(store.Node.id == node_id)
+            if node is None:
+                raise LookupError(node_id)
+            node.delete_instance()
+        return node
+
+    # registry parts
+    def _created(self, node: store.Node) -> store.Node:
+        self.probe_soon(self.sync(node))
+        log.info("added node %s (%s:%s)", node.name, node.address, node.port)
+        self.on_change("node", node.id)
+        return node
+
+    def _updated(self, node: store.Node, values: dict, moved: bool, enabled: bool,
+                 drained: bool, old_url: str) -> store.Node:
         state = self.sync(node)
         if moved or enabled:
             self.probe_soon(state)
         if moved or drained:
             self.close_idle(old_url)  # requests in flight keep theirs
         log.info("updated node %s: %s", node.id, ", ".join(sorted(values)))
+        self.on_change("node", node.id)
         return node
 
-    def delete(self, node_id: int) -> None:
-        """Forget a node; requests it is serving finish, no new ones go there."""
-        node = store.Node.get_or_none(store.Node.id == node_id)
-        if node is None:
-            raise LookupError(node_id)
-        node.delete_instance()
-        self.registry.remove(node_id)
+    def _deleted(self, node: store.Node) -> None:
+        self.registry.remove(node.id)
         self.close_idle(base_url(node.address, node.port))
         log.info("deleted node %s (%s:%s)", node.id, node.address, node.port)
+        self.on_change("node", node.id)
 
-    def set_strategy(self, name: Any) -> None:
-        """Switch the routing strategy for the next request, and keep it."""
-        valid = ", ".join(STRATEGIES)
-        if not isinstance(name, str):
-            raise ValidationError({"strategy": f"must be a string, one of: {valid}"})
-        if name not in STRATEGIES:
-            raise ValidationError({"strategy": f"unknown strategy {name[:100]!r}; valid: {valid}"})
+    def strategy_saved(self, name: str) -> None:
+        """The stored strategy changed: route by it from the next request."""
         self.router.strategy = name
-        store.set_config("strategy", name)
         log.info("routing strategy is now %s", name)
+        self.on_change("strategy", None)
 
     def set_load_factor(self, value: Any) -> None:
         """How far above the mean in-flight load cache_aware lets affinity
         take a node (see aivonx.router.within_bound), kept across restarts."""
-        if not _valid_factor(value):
-            raise ValidationError({"cache_load_factor": f"must be a number from 1 to "
-                                                        f"{MAX_LOAD_FACTOR:g}"})
+        store.set_config("cache_load_factor", check_load_factor(value))
+        self.load_factor_saved(value)
+
+    def load_factor_saved(self, value: float) -> None:
+        """The stored load factor changed: use it from the next request."""
         self.router.load_factor = float(value)
-        store.set_config("cache_load_factor", float(value))
         log.info("cache_aware load factor is now %g", value)
+        self.on_change("cache_load_factor", None)
+
+    # -- changes made by another instance (aivonx.cluster) -----------------------
+    def apply_stored(self, node_id: int, node: store.Node | None) -> None:
+        """Another instance changed node `node_id`; `node` is its row as
+        stored now (None: deleted). Probed at once when new or moved."""
+        state = self.registry.nodes.get(node_id)
+        if node is None:
+            if state is not None:
+                self.registry.remove(node_id)
+                self.close_idle(state.url)
+                log.info("node %s was deleted by another instance", node_id)
+            return
+        old_url = state.url if state is not None else None
+        was_enabled = state.enabled if state is not None else False
+        state = self.sync(node)
+        if old_url != state.url or (state.enabled and not was_enabled):
+            self.probe_soon(state)
+        if old_url is not None and (old_url != state.url or not state.enabled):
+            self.close_idle(old_url)
+
+    def apply_strategy(self, strategy: Any) -> None:
+        """Another instance stored a new strategy."""
+        if strategy in STRATEGIES:
+            self.router.strategy = strategy
+
+    def apply_load_factor(self, factor: Any) -> None:
+        """Another instance stored a new cache_aware load factor."""
+        if _valid_factor(factor):
+            self.router.load_factor = float(factor)
+
+    def apply_all(self, nodes: list[store.Node], strategy: Any) -> None:
+        """Bring the registry in line with every stored node (after missed
+        changes, e.g. while Redis was unreachable)."""
+        stored = {n.id: n for n in nodes}
+        for node_id in list(self.registry.nodes):
+            if node_id not in stored:
+                self.apply_stored(node_id, None)
+        for node_id, node in stored.items():
+            self.apply_stored(node_id, node)
+        self.apply_strategy(strategy)
+
+
+def check_strategy(name: Any) -> str:
+    valid = ", ".join(STRATEGIES)
+    if not isinstance(name, str):
+        raise ValidationError({"strategy": f"must be a string, one of: {valid}"})
+    if name not in STRATEGIES:
+        raise ValidationError({"strategy": f"unknown strategy {name[:100]!r}; valid: {valid}"})
+    return name
+
+
+def check_load_factor(value: Any) -> float:
+    if not _valid_factor(value):
+        raise ValidationError({"cache_load_factor": f"must be a number from 1 to "
+                                                    f"{MAX_LOAD_FACTOR:g}"})
+    return float(value)
 
 
 MAX_LOAD_FACTOR = 100.0

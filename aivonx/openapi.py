@@ -126,6 +126,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "hit_rate": _NULLABLE_NUMBER}},
         "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/NodeState"},
                   "description": "Every node's details (health, history, counters)"},
+        "instance": {"type": "string", "description": "The name of the instance answering"},
+        "cluster": {"type": "object", "description": "The instances sharing Redis", "properties": {
+            "redis": {"type": "string", "enum": ["off", "connected", "unreachable"]},
+            "shared_slots": {"type": "boolean",
+                             "description": "Node slots counted cluster-wide (else locally)"},
+            "since": {**_NULLABLE_NUMBER, "description": "Unix time Redis last changed state"},
+            "instances": {"type": "array", "items": {"type": "string"},
+                          "description": "Instances alive, this one included"}}},
         "display": {"$ref": "#/components/schemas/StateDisplay"}}},
     "StateDisplay": {"type": "object", "description": (
         "The cluster as the status page words it: strings to show as they are"), "properties": {

@@ -33,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
                                      description="Set a user's password (creating the user).")
     parser.add_argument("username")
     parser.add_argument("--db", default=os.environ.get("AIVONX_DB") or Settings().db,
-                        help="SQLite database path (AIVONX_DB, default ./aivonx.db)")
+                        help="SQLite database path or postgresql:// URL (AIVONX_DB, default ./aivonx.db)")
     args = parser.parse_args(argv)
     try:
         password = _read_password()
@@ -41,7 +41,7 @@ def main(argv: Sequence[str]) -> int:
         try:
             created = asyncio.run(Auth().set_password(args.username, password))
         finally:
-            db.close()
+            store.close_database(db)
     except (ValueError, KeyboardInterrupt, EOFError, store.StoreError) as exc:
         print(f"aivonx passwd: {exc or 'cancelled'}", file=sys.stderr)
         return 1

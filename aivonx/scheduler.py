@@ -12,12 +12,16 @@ import asyncio
 import time
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Hashable
+from typing import Any, AsyncIterator, Hashable
 from dataclasses import dataclass, field
 
 from .prefix import RoutingHint
 from .registry import NodeState, Registry
 from .router import Router, Unroutable
+
+
+# Seconds between looks for a slot another instance freed (shared slots).
+POLL = 0.05
 
 
 class QueueFull(Unroutable, RuntimeError):
@@ -65,6 +69,10 @@ class Scheduler:
         self.rejected_total = 0
         self.wait_seconds_total = 0.0
         self.max_depth_seen = 0
+        # With Redis (aivonx.cluster.SharedSlots): a slot reserved here must
+        # also be leased cluster-wide. None: local counting only, no await.
+        self.shared: Any = None
+        self._poller: asyncio.Future | None = None
 
     @property
     def depth(self) -> int:
@@ -88,6 +96,16 @@ class Scheduler:
             self.turns[waiter.owner] = priority
         self.priorities[waiter.owner] = priority
         queue.append(waiter)
+        self._depth += 1
+
+    def _requeue(self, waiter: Waiter) -> None:
+        """Back at the head of its owner's queue: a waiter whose slot the
+        cluster refused keeps its turn."""
+        queue = self.queues.get(waiter.owner)
+        if queue is None:
+            queue = self.queues[waiter.owner] = deque()
+            self.turns[waiter.owner] = self.priorities[waiter.owner] = 1
+        queue.appendleft(waiter)
         self._depth += 1
 
     def _dequeue(self, waiter: Waiter) -> bool:
@@ -140,34 +158,91 @@ class Scheduler:
         eligible = self.router.eligible(key)
         if all(n.id in exclude for n in eligible):
             return None
-        node = self._free_node(key, exclude, eligible, hint)
-        if node is not None:
-            self.registry.begin(node)
-            return node
+        if self.shared is None:
+            node = self._free_node(key, exclude, eligible, hint)
+            if node is not None:
+                self.registry.begin(node)
+                return node
+        else:
+            node = await self._lease_any(key, exclude, eligible, hint)
+            if node is not None:
+                return node
         if self._depth >= self.max_queue:
             self.rejected_total += 1
             raise QueueFull(f"all nodes are busy and {self.max_queue} requests are waiting")
-        waiter = Waiter(key, frozenset(exclude), asyncio.get_running_loop().create_future(),
-                        owner, hint=hint)
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(key, frozenset(exclude), loop.create_future(), owner, hint=hint)
         self._enqueue(waiter, max(1, priority))
         self.queued_total += 1
         self.max_depth_seen = max(self.max_depth_seen, self._depth)
+        if self.shared is not None:
+            self._poll()
+        deadline = waiter.since + self.max_wait
         served: NodeState | None = None
         try:
-            waits = {waiter.future} if abandoned is None else {waiter.future, abandoned}
-            await asyncio.wait(waits, timeout=self.max_wait,
-                               return_when=asyncio.FIRST_COMPLETED)
-            if waiter.future.done() and not (abandoned is not None and abandoned.done()):
-                served = waiter.future.result()
-                return served
-            if abandoned is not None and abandoned.done():
-                return None
-            self.rejected_total += 1
-            raise QueueTimeout(f"all nodes stayed busy for {self.max_wait:g} s")
+            while True:
+                waits = {waiter.future} if abandoned is None else {waiter.future, abandoned}
+                await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if waiter.future.done() and not (abandoned is not None and abandoned.done()):
+                    node = waiter.future.result()
+                    if self.shared is None:
+                        served = node
+                        return served
+                    # The reservation is this call's now; the lease decides.
+                    waiter.future = loop.create_future()
+                    if await self._lease(node):
+                        if abandoned is not None and abandoned.done():
+                            self.shared.give_back(node)
+                            self.release(node, ok=True, counted=False)
+                            return None
+                        served = node
+                        return served
+                    self._requeue(waiter)
+                    self._poll()
+                    continue
+                if abandoned is not None and abandoned.done():
+                    return None
+                self.rejected_total += 1
+                raise QueueTimeout(f"all nodes stayed busy for {self.max_wait:g} s")
         finally:
             self.wait_seconds_total += time.monotonic() - waiter.since
             if served is None:
                 self._abandon(waiter)
+
+    # -- shared slots (Redis) ------------------------------------------------------
+    async def _lease_any(self, key: str, exclude: frozenset[int] | set[int],
+                         eligible: list[NodeState],
+                         hint: RoutingHint | None = None) -> NodeState | None:
+        """The best node whose slot is free here and leased cluster-wide."""
+        for node in self.router.candidates(key, eligible, hint):
+            if node.id not in exclude and node.has_free_slot:
+                self.registry.begin(node)
+                if await self._lease(node):
+                    return node
+        return None
+
+    async def _lease(self, node: NodeState) -> bool:
+        """Lease the slot reserved on `node`; a refused one is unreserved."""
+        try:
+            taken = await self.shared.take(node)
+        except BaseException:
+            self.registry.unreserve(node)
+            raise
+        if not taken:
+            self.registry.unreserve(node)
+        return taken
+
+    def _poll(self) -> None:
+        """Slots freed by other instances raise no local event: while
+        requests wait for a cluster-wide slot, look again every POLL s."""
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll_while_waiting())
+
+    async def _poll_while_waiting(self) -> None:
+        while self._depth:
+            await asyncio.sleep(POLL)
+            self.dispatch()
 
     @asynccontextmanager
     async def slot(self, key: str, exclude: set[int],
@@ -203,6 +278,8 @@ class Scheduler:
         """A request left the node: free its slot for the oldest waiter."""
         if counted:
             self.registry.end(node, ok)
+            if self.shared is not None:
+                self.shared.give_back(node)
         else:
             self.registry.unreserve(node)
         self.dispatch()

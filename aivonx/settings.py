@@ -79,6 +79,11 @@ class Settings:
     # Served when the store has no node and none is given (the command line
     # sets it from OLLAMA_HOST; None in code that builds Settings itself).
     local_node: str | None = None
+    # A redis:// URL: node slots counted and admin changes told across every
+    # instance using it (aivonx.cluster). None: this instance alone.
+    redis: str | None = None
+    # How this instance is named to the others; None: host name and pid.
+    instance_name: str | None = None
 
 
 # What SIGHUP applies to a running process; anything else needs a restart.
@@ -137,7 +142,8 @@ def _positive_int(text: str) -> int:
 _SIMPLE_FLAGS = [
     ("--host", "AIVONX_HOST", str, "address to listen on"),
     ("--port", "AIVONX_PORT", _port, "port to listen on"),
-    ("--db", "AIVONX_DB", str, "SQLite database path"),
+    ("--db", "AIVONX_DB", str, "SQLite database path, or postgresql://user:password@host:port/name "
+     "for several instances sharing one configuration"),
     ("--health-interval", "AIVONX_HEALTH_INTERVAL", _positive_float,
      "seconds between node probes"),
     ("--connect-timeout", "AIVONX_CONNECT_TIMEOUT", _positive_float,
@@ -163,6 +169,12 @@ _SIMPLE_FLAGS = [
      "processes serving the port (SO_REUSEPORT), each with an equal share of every "
      "node's slots"),
 ]
+
+
+def _redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(f"must be a redis:// URL, got {text[:100]!r}")
+    return text
 
 
 def _networks(text: str) -> Networks:
@@ -210,6 +222,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         default=_networks(_env(env, "AIVONX_NODE_NETWORKS") or ""),
                         help="only connect to nodes at addresses in these networks, e.g. "
                              "10.0.0.0/8,127.0.0.1/32 (AIVONX_NODE_NETWORKS, default any)")
+    parser.add_argument("--redis", type=_redis_url, metavar="URL",
+                        default=_env(env, "AIVONX_REDIS"),
+                        help="redis://host:port/N shared by several instances: node slots "
+                             "counted and admin changes told cluster-wide (AIVONX_REDIS, "
+                             "default none)")
+    parser.add_argument("--instance-name", metavar="NAME",
+                        default=_env(env, "AIVONX_INSTANCE_NAME"),
+                        help="this instance's name in the cluster (AIVONX_INSTANCE_NAME, "
+                             "default host name and process id)")
     root_password = _env(env, "AIVONX_ROOT_PASSWORD") or _env(env, "ROOT_PASSWORD")
     parser.set_defaults(env_nodes=env_nodes, root_password=root_password)
     return parser
@@ -221,6 +242,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(nodes=list(nodes), log_level=args.log_level, log_format=args.log_format,
                     root_password=args.root_password, env_file=args.env_file,
                     node_ca_file=args.node_ca_file, node_networks=args.node_networks,
+                    redis=args.redis, instance_name=args.instance_name,
                     **{name: getattr(args, name) for name in simple})
 
 

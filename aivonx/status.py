@@ -58,8 +58,10 @@ def node_view(node: NodeState, now: float | None = None) -> dict[str, Any]:
     return view
 
 
-def cluster_state(registry: Registry, scheduler: Scheduler, strategy: str) -> dict[str, Any]:
-    """Everything the state API and the status page show, in one snapshot."""
+def cluster_state(registry: Registry, scheduler: Scheduler, strategy: str,
+                  instance: str = "", cluster: Any = None) -> dict[str, Any]:
+    """Everything the state API and the status page show, in one snapshot.
+    `cluster` (aivonx.cluster.Cluster) when instances share Redis."""
     nodes = sorted(registry.nodes.values(), key=lambda n: n.id)
     now = time.time()
     views = [node_view(n, now) for n in nodes]
@@ -86,6 +88,9 @@ def cluster_state(registry: Registry, scheduler: Scheduler, strategy: str) -> di
         },
         "nodes": views,
         "cache_affinity": scheduler.router.affinity(),
+        "instance": instance,
+        "cluster": cluster.view() if cluster is not None else {
+            "redis": "off", "shared_slots": False, "since": None, "instances": [instance]},
     }
     state["display"] = cluster_display(state)
     return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -13,6 +14,7 @@ from aivonx.relay.resolver import parse_networks
 from aivonx.settings import Settings
 from tests.fakes.fake_ollama import FakeOllama
 from tests.helpers import ROOT_PASSWORD, NodeProcess
+from tests.services import PostgresServer, RedisServer, missing, postgres_bin
 
 LOOPBACK = parse_networks("127.0.0.0/8,::1/128")
 # Aivonx processes the tests start inherit the same fence.
@@ -46,6 +48,7 @@ class Proxy:
         self.server.stop()
         await self.server.close_all_connections()
         self.ctx.close()
+        await self.ctx.wait_closed()
 
 
 @pytest.fixture
@@ -118,3 +121,45 @@ def artifacts_dir() -> str:
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "artifacts")
     os.makedirs(path, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL for the session (a private data directory and port)."""
+    bindir = postgres_bin()
+    if bindir is None or not os.path.exists(os.path.join(bindir, "initdb")):
+        missing("PostgreSQL (initdb, postgres)")
+    server = PostgresServer(bindir)
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh database on the session's PostgreSQL, for this test alone."""
+    if postgres_server.proc is None:  # a test stopped it
+        postgres_server.start()
+    return postgres_server.new_database()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One Redis for the session (no persistence, its own port)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing("redis-server")
+    server = RedisServer(binary)
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, emptied for this test (started again if a test
+    stopped it)."""
+    if redis_server.proc is None:
+        redis_server.start()
+    redis_server.flush()
+    yield redis_server.url
+    if redis_server.proc is None:
+        redis_server.start()

@@ -111,6 +111,18 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city"]}}}
 
 
+def overlap(records) -> int:
+    """Most requests the node was serving at the same moment."""
+    events = sorted([(r.started_at, 1) for r in records] +
+                    [(r.finished_at or r.client_closed_at or time.monotonic(), -1)
+                     for r in records])
+    most = current = 0
+    for _, delta in events:
+        current += delta
+        most = max(most, current)
+    return most
+
+
 def configure(proxy: Any, fake: Any, **fields: Any) -> None:
     """Change a node's stored settings the way the management API does."""
     from aivonx.store import Node

@@ -10,19 +10,7 @@ import ollama
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.helpers import GEN, configure, fetch_stream, raw_request, wait_for
-
-
-def overlap(records) -> int:
-    """Most requests the node was serving at the same moment."""
-    events = sorted([(r.started_at, 1) for r in records] +
-                    [(r.finished_at or r.client_closed_at or time.monotonic(), -1)
-                     for r in records])
-    most = current = 0
-    for _, delta in events:
-        current += delta
-        most = max(most, current)
-    return most
+from tests.helpers import GEN, configure, fetch_stream, overlap, raw_request, wait_for
 
 
 async def test_requests_beyond_the_slots_wait_in_fifo_order(io_loop, make_node, make_proxy):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from .. import store
 from ..auth import AuthError
 from ..errors import ApiError
 from .manage import ManageHandler
@@ -40,7 +41,7 @@ class LoginHandler(ManageHandler):
                                                     self.request.remote_ip or "")
         except AuthError as exc:
             raise _api_error(exc) from None
-        self.write_json(self.ctx.auth.login(user))
+        self.write_json(await store.run(self.ctx.auth.login, user))
 
 
 class RefreshHandler(ManageHandler):
@@ -59,7 +60,7 @@ class RefreshHandler(ManageHandler):
         if not isinstance(token, str) or not token:
             raise ApiError(400, "refresh required")
         try:
-            access = self.ctx.auth.refresh(token)
+            access = await store.run(self.ctx.auth.refresh, token)
         except AuthError as exc:
             raise _api_error(exc) from None
         self.write_json({"access": access})
@@ -91,5 +92,5 @@ class LogoutHandler(ManageHandler):
         if not tokens:
             raise ApiError(401, "authentication required", {"WWW-Authenticate": "Bearer"})
         for token in tokens:
-            self.ctx.auth.revoke(token)
+            await store.run(self.ctx.auth.revoke, token)
         self.write_json({"status": "logged out"})

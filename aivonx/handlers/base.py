@@ -105,6 +105,7 @@ class BaseHandler(RequestIdMixin, tornado.web.RequestHandler):
         # back at it): without this its request body would stay in memory
         # until Python's next full garbage collection.
         release_body(self.request)
+        store.release_connection()
 
     def on_connection_close(self) -> None:
         release_body(self.request)

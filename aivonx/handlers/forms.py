@@ -117,38 +117,38 @@ class LogoutFormHandler(FormHandler):
 class AddNodeHandler(FormHandler):
     form = "add"
 
-    def post(self) -> None:
+    async def post(self) -> None:
         data: dict[str, Any] = {"address": self.field("address")}
         if self.field("name"):
             data["name"] = self.field("name")
         for name in ("slots", "weight"):  # optional here: 4 slots, weight 1
             if self.field(name):
                 data[name] = form_number(self.field(name))
-        node = self.ctx.nodes.create(data)
+        node = await self.ctx.nodes.create_async(data)
         self.done(f"Added node {node.name}; it is being probed.", node_id=node.id)
 
 
 class EditNodeHandler(FormHandler):
-    def post(self, node_id: str) -> None:
+    async def post(self, node_id: str) -> None:
         self.form = f"edit-{node_id}"
         data = {"name": self.field("name"), "address": self.field("address")}
         for name in ("slots", "weight"):  # a form without them changes neither
             if name in self.request.body_arguments:
                 data[name] = form_number(self.field(name))
         try:
-            node = self.ctx.nodes.update(self.node_id(node_id), data, partial=True)
+            node = await self.ctx.nodes.update_async(self.node_id(node_id), data, partial=True)
         except LookupError:
             raise tornado.web.HTTPError(404, "No such node: it was deleted.") from None
         self.done(f"Saved node {node.name}.")
 
 
 class DrainNodeHandler(FormHandler):
-    def post(self, node_id: str) -> None:
+    async def post(self, node_id: str) -> None:
         self.form = f"drain-{node_id}"
         active = self.field("active") == "1"
         try:
-            node = self.ctx.nodes.update(self.node_id(node_id), {"active": active},
-                                     partial=True)
+            node = await self.ctx.nodes.update_async(self.node_id(node_id), {"active": active},
+                                                     partial=True)
         except LookupError:
             raise tornado.web.HTTPError(404, "No such node: it was deleted.") from None
         self.done(f"Node {node.name} is back in the pool." if active else
@@ -156,11 +156,11 @@ class DrainNodeHandler(FormHandler):
 
 
 class DeleteNodeHandler(FormHandler):
-    def post(self, node_id: str) -> None:
+    async def post(self, node_id: str) -> None:
         number = self.node_id(node_id)
         state = self.ctx.registry.nodes.get(number)
         try:
-            self.ctx.nodes.delete(number)
+            await self.ctx.nodes.delete_async(number)
         except LookupError:
             raise tornado.web.HTTPError(404, "No such node: it was already deleted.") from None
         self.done(f"Deleted node {state.name if state else number}.")
@@ -169,8 +169,8 @@ class DeleteNodeHandler(FormHandler):
 class StrategyHandler(FormHandler):
     form = "strategy"
 
-    def post(self) -> None:
-        self.ctx.nodes.set_strategy(self.field("strategy"))
+    async def post(self) -> None:
+        await self.ctx.nodes.set_strategy_async(self.field("strategy"))
         self.done(f"Strategy is now {self.ctx.router.strategy}.")
 
 

@@ -6,6 +6,7 @@ OpenAPI operation (aivonx.openapi collects them).
 """
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -123,7 +124,8 @@ class StateHandler(ManageHandler):
         responses:
           200: {description: The state, content: {application/json: {schema: State}}}
         """
-        self.write_json(cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy))
+        self.write_json(cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy,
+                              self.ctx.instance, self.ctx.cluster))
 
 
 ACTIVE_FIELDS = ("id", "name", "address", "port", "url", "active_requests", "status",
@@ -182,21 +184,33 @@ class ConfigHandler(ManageHandler):
         body = await self.json_body()
         if "strategy" not in body and not partial:
             raise nodes.ValidationError({"strategy": "this field is required"})
+        # Validate everything, store it in one transaction, then apply it:
+        # a refused or failed write changes nothing.
+        changes: dict[str, Any] = {}
         if "inference_auth" in body:
             self.ctx.keys.check_mode(body["inference_auth"])
+            changes["inference_auth"] = body["inference_auth"]
         if "cache_load_factor" in body:
-            self.ctx.nodes.set_load_factor(body["cache_load_factor"])
+            changes["cache_load_factor"] = nodes.check_load_factor(body["cache_load_factor"])
         if "keep_alive" in body:
-            policy = self.ctx.keep_alive
+            candidate = copy.copy(self.ctx.keep_alive)
             try:
-                policy.update(body["keep_alive"])
+                candidate.update(body["keep_alive"])
             except PolicyError as exc:
                 raise nodes.ValidationError(exc.errors) from None
-            store.set_config("keep_alive", policy.as_dict())
+            changes["keep_alive"] = candidate.as_dict()
         if "strategy" in body:
-            self.ctx.nodes.set_strategy(body["strategy"])
-        if "inference_auth" in body:
-            self.ctx.keys.set_mode(body["inference_auth"])
+            changes["strategy"] = nodes.check_strategy(body["strategy"])
+        await store.run(store.set_configs, changes)
+        if "keep_alive" in changes:
+            self.ctx.keep_alive.load(changes["keep_alive"])
+            self.ctx.nodes.on_change("keep_alive", None)
+        if "strategy" in changes:
+            self.ctx.nodes.strategy_saved(changes["strategy"])
+        if "cache_load_factor" in changes:
+            self.ctx.nodes.load_factor_saved(changes["cache_load_factor"])
+        if "inference_auth" in changes:
+            self.ctx.keys.mode_saved(changes["inference_auth"])
         self.write_json(self.config())
 
     @admin_required
@@ -280,7 +294,7 @@ class NodesHandler(ManageHandler):
           401: Unauthorized
           409: Conflict
         """
-        node = self.ctx.nodes.create(await self.json_body())
+        node = await self.ctx.nodes.create_async(await self.json_body())
         self.set_header("Location", f"{self.request.path}/{node.id}")
         self.write_json(nodes.node_dict(node), 201)
 
@@ -310,7 +324,7 @@ class NodeHandler(ManageHandler):
     async def _update(self, text: str, partial: bool) -> None:
         body = await self.json_body()
         try:
-            node = self.ctx.nodes.update(parse_node_id(text), body, partial)
+            node = await self.ctx.nodes.update_async(parse_node_id(text), body, partial)
         except LookupError:
             raise ApiError(404, f"node {text} not found") from None
         self.write_json(nodes.node_dict(node))
@@ -361,7 +375,7 @@ class NodeHandler(ManageHandler):
         await self._update(node_id, partial=True)
 
     @admin_required
-    def delete(self, node_id: str) -> None:
+    async def delete(self, node_id: str) -> None:
         """Remove a node; requests it is serving finish.
         ---
         tags: [nodes]
@@ -374,7 +388,7 @@ class NodeHandler(ManageHandler):
           404: NotFound
         """
         try:
-            self.ctx.nodes.delete(self._get_node(node_id).id)
+            await self.ctx.nodes.delete_async(self._get_node(node_id).id)
         except LookupError:
             raise ApiError(404, f"node {node_id} not found") from None
         self.set_status(204)

@@ -156,7 +156,8 @@ class PageHandler(BaseHandler):
                       values: dict[str, str] | None = None) -> None:
         """The status page; after a failed form, that form open with its
         values and the error of each field."""
-        state = cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy)
+        state = cluster_state(self.ctx.registry, self.ctx.scheduler, self.ctx.router.strategy,
+                              self.ctx.instance, self.ctx.cluster)
         summary, tone = state["display"]["summary"], state["display"]["tone"]
         errors, values = errors or {}, values or {}
 

@@ -113,6 +113,10 @@ class KeyService:
     def set_mode(self, value: Any) -> None:
         self.check_mode(value)
         store.set_config("inference_auth", value)
+        self.mode_saved(value)
+
+    def mode_saved(self, value: str) -> None:
+        """The stored access mode changed: apply it from the next request."""
         self.mode = value
         log.info("inference access is now %s", "by key only" if value == "keys" else "open")
         self.warn_if_exposed()

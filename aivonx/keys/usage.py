@@ -96,12 +96,8 @@ class UsageBook:
                 columns.append(U.key_id)
             elif group == "model":
                 columns.append(U.model)
-            elif group == "hour":
-                columns.append(peewee.fn.strftime("%Y-%m-%dT%H:00:00Z", U.hour))
-            elif group == "day":
-                columns.append(peewee.fn.strftime("%Y-%m-%d", U.hour))
             else:
-                columns.append(peewee.fn.strftime("%Y-%m", U.hour))
+                columns.append(store.format_time(U.hour, group))
         sums = [peewee.fn.SUM(getattr(U, n)) for n in COUNTERS]
         query = U.select(*columns, *sums)
         if start is not None:
