@@ -2,9 +2,7 @@
 of every node's slots; admin changes reach all of them through the store."""
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
