@@ -160,22 +160,29 @@ def scan(buf: bytes) -> Iterator[int]:
     return out
 
 
+_PENDING = object()
+
+
+def _step(steps: Iterator[int]) -> Any:
+    """One step of a scan: its result once done, else _PENDING."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        return done.value
+    return _PENDING
+
+
 def scan_all(buf: bytes) -> dict[str, Any]:
     """The whole scan at once."""
     steps = scan(buf)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    while (out := _step(steps)) is _PENDING:
+        pass
+    return out
 
 
 async def scan_yielding(buf: bytes) -> dict[str, Any]:
     """The scan, letting the event loop run other work between its steps."""
     steps = scan(buf)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    while (out := _step(steps)) is _PENDING:
         await asyncio.sleep(0)
+    return out
