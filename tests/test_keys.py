@@ -306,6 +306,19 @@ async def test_failed_logins_are_audited(io_loop, make_proxy):
         "root", "login failed", 401, "127.0.0.1")
 
 
+def sender(proxy, max_clients: int, timeout: float):
+    """(client, send): send(key, text) is a non-streamed generate with that
+    key, on one client with room for the whole flood at once."""
+    http = AsyncHTTPClient(force_instance=True, max_clients=max_clients)
+
+    def send(key: str, text: str):
+        return http.fetch(proxy.url + "/api/generate", method="POST", raise_error=False,
+                          headers={"Authorization": f"Bearer {key}"}, request_timeout=timeout,
+                          body=json.dumps({"model": "llama3", "prompt": text,
+                                           "stream": False}))
+    return http, send
+
+
 async def test_a_flooding_key_does_not_hold_up_another(io_loop, make_node, make_proxy):
     node = await make_node([MODEL], chunks=2, chunk_delay=0.01)
     proxy = await make_proxy([node])
@@ -315,13 +328,7 @@ async def test_a_flooding_key_does_not_hold_up_another(io_loop, make_node, make_
     assert answer.code == 200
     a = (await new_key(proxy, token, name="batch"))["key"]
     b = (await new_key(proxy, token, name="chat"))["key"]
-    http = AsyncHTTPClient(force_instance=True, max_clients=300)
-
-    def send(key: str, text: str):
-        return http.fetch(proxy.url + "/api/generate", method="POST", raise_error=False,
-                          headers={"Authorization": f"Bearer {key}"}, request_timeout=120,
-                          body=json.dumps({"model": "llama3", "prompt": text,
-                                           "stream": False}))
+    http, send = sender(proxy, max_clients=300, timeout=120)
     flood = [send(a, f"a{i}") for i in range(200)]
     while proxy.ctx.scheduler.depth < 60:
         await asyncio.sleep(0.01)
@@ -380,13 +387,7 @@ async def test_a_key_of_priority_2_gets_two_turns_for_one(io_loop, make_node, ma
     await call(proxy, "PATCH", f"/api/proxy/nodes/{state.id}", {"slots": 1}, token)
     low = (await new_key(proxy, token, name="low"))["key"]
     high = (await new_key(proxy, token, name="high", priority=2))["key"]
-    http = AsyncHTTPClient(force_instance=True, max_clients=100)
-
-    def send(key: str, text: str):
-        return http.fetch(proxy.url + "/api/generate", method="POST", raise_error=False,
-                          headers={"Authorization": f"Bearer {key}"}, request_timeout=60,
-                          body=json.dumps({"model": "llama3", "prompt": text,
-                                           "stream": False}))
+    http, send = sender(proxy, max_clients=100, timeout=60)
     requests = [send(low, f"l{i}") for i in range(20)]
     while proxy.ctx.scheduler.depth < 15:
         await asyncio.sleep(0.01)
