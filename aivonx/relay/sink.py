@@ -108,9 +108,3 @@ class ClientSink:
             # The openai SDK resends 5xx by itself; every node was tried already.
             handler.set_header("x-should-retry", "false")
         handler.write(error_body(self.style, message, status))
-
-    @property
-    def gone(self) -> bool:
-        stream = self.handler.request.connection.stream  # type: ignore[union-attr]
-        return stream.closed()
-
