@@ -8,6 +8,7 @@ broken stream are built here so every path answers alike.
 """
 from __future__ import annotations
 
+import errno
 import json
 
 
@@ -68,3 +69,8 @@ def stream_error_chunk(content_type: str, message: str, style: str = "ollama") -
                    **payload}
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def out_of_descriptors(error: object) -> bool:
+    """The proxy itself ran out of file descriptors: nobody else's fault."""
+    return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)

@@ -8,7 +8,6 @@ probe, so it is routable at once.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import ssl
@@ -18,6 +17,7 @@ from typing import Any, Callable
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.ioloop import PeriodicCallback
 
+from .errors import out_of_descriptors
 from .registry import NodeState, Registry
 from .relay.resolver import CachingResolver, Networks
 
@@ -129,7 +129,7 @@ class Monitor:
             self._get(node, "/api/version"), return_exceptions=True)
         if (node.address, node.port) != address or node.id not in self.registry.nodes:
             return  # edited or removed while probing: this result is stale
-        if any(_out_of_descriptors(r) for r in results):
+        if any(out_of_descriptors(r) for r in results):
             # The proxy's own shortage says nothing about the node.
             log.debug("probe of node %s skipped: out of file descriptors", node.name)
             return
@@ -173,10 +173,6 @@ def parse_version_body(body: bytes) -> str | None:
         return None
     version = data.get("version") if isinstance(data, dict) else None
     return version[:64] if isinstance(version, str) else None
-
-
-def _out_of_descriptors(result: object) -> bool:
-    return isinstance(result, OSError) and result.errno in (errno.EMFILE, errno.ENFILE)
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,7 +13,6 @@ while the node is silent during a model load.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import ssl
 import time
@@ -23,6 +22,7 @@ from tornado import httputil
 from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
+from ..errors import out_of_descriptors
 from ..metrics import Metrics
 from ..prefix import RoutingHint
 from ..registry import NodeState, Registry
@@ -287,8 +287,7 @@ def describe_failure(outcome: HTTPResponse | Outcome | Attempt,
 
 def own_fault(outcome: HTTPResponse | Outcome | Attempt) -> bool:
     """The proxy itself ran out of file descriptors: not the node's fault."""
-    error = outcome.error
-    return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
+    return out_of_descriptors(outcome.error)
 
 
 def _retry_after(value: str | None) -> float | None:
