@@ -112,7 +112,7 @@ class GuardedDelegate(httputil.HTTPMessageDelegate):
             if not self.reservation.grow(declared):
                 return self._refuse(503, "too many request bodies in memory at once; "
                                          "please try again", busy=True)
-        if declared or self.chunked:
+        if self.chunked or (declared and not self._body_buffered(declared)):
             self._arm()
         return self.inner.headers_received(start_line, headers)
 
@@ -170,6 +170,13 @@ class GuardedDelegate(httputil.HTTPMessageDelegate):
                                  headers, body)
         connection.finish()
         return None
+
+    def _body_buffered(self, declared: int) -> bool:
+        """The whole body came in the reads that brought the head (a small
+        request): it is handed over without waiting, so no timer is needed."""
+        # IOStream's read-ahead size has no public accessor (Tornado 6, pinned).
+        stream = getattr(self.request.connection, "stream", None)
+        return getattr(stream, "_read_buffer_size", 0) >= declared
 
     def _arm(self) -> None:
         loop = IOLoop.current()
