@@ -39,6 +39,7 @@ class Slot:
     waited: float = 0.0
     ok: bool = True
     route: str = ""  # why the router chose the node (X-Aivonx-Route)
+    cached: Any = None  # the node's cache slot the router pictures it using
 
 
 @dataclass(eq=False)
@@ -258,11 +259,12 @@ class Scheduler:
         if node is None:
             yield None
             return
-        held = Slot(node, waited=time.monotonic() - asked,
-                    route=self.router.chosen(node, key, hint))
+        route, cached = self.router.chosen(node, key, hint)
+        held = Slot(node, waited=time.monotonic() - asked, route=route, cached=cached)
         try:
             yield held
         finally:
+            self.router.prefixes.release(cached)
             self.release(node, held.ok)
 
     def _abandon(self, waiter: Waiter) -> None:
