@@ -10,7 +10,7 @@ import itertools
 import math
 from typing import Callable, Optional
 
-from .prefix import PrefixMemory, RoutingHint
+from .prefix import CachedPrompt, PrefixMemory, RoutingHint
 from .registry import NodeState, Registry
 
 Strategy = Callable[[list[NodeState], str, "Router", Optional[RoutingHint]], list[NodeState]]
@@ -178,23 +178,25 @@ class Router:
         ordered = STRATEGIES[self._strategy](sorted(up, key=lambda n: n.id), key, self, hint)
         return sorted(ordered, key=lambda n: n.health != "healthy")
 
-    def chosen(self, node: NodeState, key: str, hint: RoutingHint | None) -> str:
+    def chosen(self, node: NodeState, key: str,
+               hint: RoutingHint | None) -> tuple[str, CachedPrompt | None]:
         """A request got a slot on `node`: say why (the X-Aivonx-Route
         header) and, under cache_aware, remember that the node holds its
-        prompt from now on."""
+        prompt from now on, in the cache slot returned (for
+        `prefixes.release` once the request ends)."""
         if self._strategy != "cache_aware":
-            return self._strategy
-        route = "least_active"
+            return self._strategy, None
+        route, cached = "least_active", None
         if hint is not None:
             if hint.session is not None and self.prefixes.session_node(hint) == node.id:
                 route = "session"
             elif hint.blocks and node.id in self.prefixes.matches(hint):
                 route = "prefix"
-            self.prefixes.record(node.id, key, hint, node.slots)
+            cached = self.prefixes.record(node.id, key, hint, node.slots)
         if route == "least_active" and key in node.loaded_keys():
             route = "warm"
         self.routes[route] = self.routes.get(route, 0) + 1
-        return route
+        return route, cached
 
     def affinity(self) -> dict[str, int | float | None]:
         """Affinity hits (the node held the prompt or session) and misses

@@ -38,6 +38,7 @@ class Slot:
     waited: float = 0.0
     ok: bool = True
     route: str = ""  # why the router chose the node (X-Aivonx-Route)
+    cached: Any = None  # the node's cache slot the router pictures it using
 
 
 @dataclass(eq=False)
@@ -326,11 +327,14 @@ class SlotHold:
                                        self.owner, self.priority)
         if node is None:
             return None
-        self.held = Slot(node, waited=time.monotonic() - asked,
-                         route=scheduler.router.chosen(node, self.key, self.hint))
+        route, cached = scheduler.router.chosen(node, self.key, self.hint)
+        self.held = Slot(node, waited=time.monotonic() - asked, route=route, cached=cached)
         return self.held
 
     async def __aexit__(self, *exc_info: object) -> None:
         held, self.held = self.held, None
         if held is not None:
-            self.scheduler.release(held.node, held.ok)
+            try:
+                self.scheduler.router.prefixes.release(held.cached)
+            finally:
+                self.scheduler.release(held.node, held.ok)
