@@ -96,11 +96,17 @@ def cache_aware(nodes: list[NodeState], key: str, router: "Router",
                 hint: RoutingHint | None = None) -> list[NodeState]:
     """The nodes holding the longest part of the request's prompt (or its
     session) first, deepest and then least loaded, each only while within
-    the load bound; then the rest in warm_first order. Ollama reuses a
+    the load bound; then the rest in warm_first order, those whose cache
+    would lose its only copy of another prompt last. Ollama reuses a
     cached prefix, so such a node prefills only what is new."""
     rest = warm_first(nodes, key, router)
     if hint is None:
         return rest
+    if hint.blocks:
+        # A prompt that goes where nothing of it is cached costs a full
+        # prefill anyway; it should not also evict some tenant's only copy.
+        memory = router.prefixes
+        rest.sort(key=lambda n: memory.evicts(n.id, key, hint, n.slots))
     matches = router.prefixes.matches(hint)
     if not matches:
         return rest
