@@ -267,6 +267,25 @@ class PrefixMemory:
         # oldest picture goes.
         return min(slots, key=lambda s: s.used)
 
+    def evicts(self, node_id: int, model: str, hint: RoutingHint, capacity: int) -> bool:
+        """Whether serving the prompt on the node would overwrite the node's
+        only copy of another prompt's first block (a tenant's system prompt,
+        say): a miss placed there makes the next one."""
+        slots = self.slots.get((node_id, model))
+        if not slots or len(slots) < capacity:
+            return False
+        free = [s for s in slots if not s.busy]
+        for slot in free:
+            if slot.blocks and len(slot.blocks) <= len(hint.blocks) and \
+                    _common(slot.blocks, hint.blocks) == len(slot.blocks):
+                return False
+        if not free:
+            return False
+        victim = min(free, key=lambda s: s.used)
+        if not victim.blocks or (hint.blocks and victim.blocks[0] == hint.blocks[0]):
+            return False
+        return not any(s is not victim and s.blocks[:1] == victim.blocks[:1] for s in slots)
+
     @staticmethod
     def release(slot: CachedPrompt | None) -> None:
         """The request using the slot ended: its prompt may be reused."""

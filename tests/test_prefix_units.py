@@ -198,3 +198,18 @@ def test_a_new_prompt_overwrites_the_least_recently_used_free_slot():
     assert memory.matches(other) == {}  # the only free slot went to the new prompt
     assert memory.matches(RoutingHint(blocks=(1, 2, 3, 4, 5)))[1][0] == 4  # in use, held
     memory.release(using)
+
+
+def test_a_prompt_cached_nowhere_avoids_evicting_a_nodes_only_copy_of_another():
+    for turn in range(4):
+        registry, router = cluster(2)
+        for state in registry.nodes.values():
+            state.slots = 1
+        for _ in range(turn):
+            router.next_turn()
+        home, _ = route(router, hint(chat("hello", system="tenant a " * 400)))
+        if turn % 2:
+            router.next_turn()  # least_active's rotation would pick home again
+        other, why = route(router, hint(chat("hello", system="tenant b " * 400)))
+        assert other != home and why == "least_active"
+        assert router.prefixes.evicts(home, KEY, hint(chat("x", system="c " * 900)), 1)
