@@ -5,6 +5,7 @@ from __future__ import annotations
 import ollama
 import pytest
 from tornado import httputil
+from tornado.httpclient import AsyncHTTPClient
 
 from aivonx.relay.upstream import MAX_CHUNK_DIGITS, check_trailer_line, parse_chunk_size
 from tests.fakes.raw_node import RawNode, chunk, chunked_head, generation, response
@@ -189,3 +190,17 @@ async def test_informational_answers_before_the_head_are_skipped(
     assert (await client.generate(model="llama3", prompt="x", stream=False)).response == \
         "answer 2"
     assert node.generate_connections[0] == node.generate_connections[1]
+
+
+async def test_a_tab_inside_a_node_header_value_reaches_the_client(io_loop, make_raw_node,
+                                                                   make_proxy):
+    body = generation("tabbed")
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Node-Note: a\tb\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    node = await make_raw_node(answers([head + body]))
+    proxy = await make_proxy([node], health_interval=3600)
+    response = await AsyncHTTPClient().fetch(proxy.url + "/api/generate", method="POST",
+                                             body=b'{"model": "llama3", "prompt": "x"}',
+                                             raise_error=False)
+    assert response.code == 200 and b"tabbed" in response.body
+    assert response.headers["X-Node-Note"] == "a\tb"
