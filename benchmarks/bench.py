@@ -817,8 +817,8 @@ WRK_THREADS = 2  # one per core of the box this was tuned on; direct: one thread
 
 
 async def wrk_small(binary: str, ports: list[int], duration: float, path: str,
-                    body: dict) -> Metrics:
-    """SMALL_CONNECTIONS keep-alive connections sending the same POST for `duration`
+                    body: dict, connections: int = SMALL_CONNECTIONS) -> Metrics:
+    """`connections` keep-alive connections sending the same POST for `duration`
     seconds, driven by wrk (C, an event loop per thread): it reaches far more requests/s
     than any Python client, so what the targets can take is what is measured."""
     threads = max(WRK_THREADS, len(ports))
@@ -828,7 +828,7 @@ async def wrk_small(binary: str, ports: list[int], duration: float, path: str,
         out.write(script)
     try:
         proc = await asyncio.create_subprocess_exec(
-            binary, "-t", str(threads), "-c", str(SMALL_CONNECTIONS),
+            binary, "-t", str(threads), "-c", str(connections),
             "-d", f"{max(1, round(duration))}s", "--timeout", f"{REQUEST_TIMEOUT:g}s",
             "-s", out.name, f"http://{HOST}:{ports[0]}{path}",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
