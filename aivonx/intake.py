@@ -18,11 +18,13 @@ request is vetted as its head arrives, by the handler class it routes to:
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Awaitable
 
 import tornado.web
 from tornado import httputil
 from tornado.ioloop import IOLoop
+from tornado.routing import PathMatches, Rule
 
 from .errors import error_body
 
@@ -112,7 +114,7 @@ class GuardedDelegate(httputil.HTTPMessageDelegate):
             if not self.reservation.grow(declared):
                 return self._refuse(503, "too many request bodies in memory at once; "
                                          "please try again", busy=True)
-        if declared or self.chunked:
+        if self.chunked or (declared and not self._body_buffered(declared)):
             self._arm()
         return self.inner.headers_received(start_line, headers)
 
@@ -171,6 +173,13 @@ class GuardedDelegate(httputil.HTTPMessageDelegate):
         connection.finish()
         return None
 
+    def _body_buffered(self, declared: int) -> bool:
+        """The whole body came in the reads that brought the head (a small
+        request): it is handed over without waiting, so no timer is needed."""
+        # IOStream's read-ahead size has no public accessor (Tornado 6, pinned).
+        stream = getattr(self.request.connection, "stream", None)
+        return getattr(stream, "_read_buffer_size", 0) >= declared
+
     def _arm(self) -> None:
         loop = IOLoop.current()
         self.last_byte = loop.time()
@@ -193,6 +202,36 @@ class GuardedDelegate(httputil.HTTPMessageDelegate):
             self.timer = None
 
 
+def literal_routes(rules: list[Rule]) -> dict[str, tuple[type, dict[str, Any]]]:
+    """Paths a rule names literally (no group, no pattern), with its handler
+    and arguments: a dict lookup instead of trying every rule's regex in
+    turn. A path some earlier rule also matches is left to the router, so
+    the first matching rule still wins."""
+    found: dict[str, tuple[type, dict[str, Any]]] = {}
+    for index, rule in enumerate(rules):
+        matcher = rule.matcher
+        if not (isinstance(matcher, PathMatches) and matcher.regex.groups == 0
+                and isinstance(rule.target, type)
+                and issubclass(rule.target, tornado.web.RequestHandler)):
+            continue
+        path = matcher._path  # the reversed pattern; None when not reversible
+        if (path is None or path in found or matcher.regex.fullmatch(path) is None
+                or re.escape(path).replace("\\/", "/") + "$" != matcher.regex.pattern):
+            continue
+        if any(earlier.matcher.match(_PathOnly(path)) is not None
+               for earlier in rules[:index]):
+            continue
+        found[path] = (rule.target, rule.target_kwargs)
+    return found
+
+
+class _PathOnly:
+    """What a path matcher reads of a request."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
 class GuardedApplication(tornado.web.Application):
     """A tornado Application whose requests pass through GuardedDelegate.
 
@@ -207,10 +246,16 @@ class GuardedApplication(tornado.web.Application):
         self.budget = budget
         self.max_body = max_body
         self.body_timeout = body_timeout
+        self.literal_routes = literal_routes(self.wildcard_router.rules)
 
     def find_handler(self, request: httputil.HTTPServerRequest,
                      **kwargs: Any) -> httputil.HTTPMessageDelegate:
-        inner = super().find_handler(request, **kwargs)
+        literal = self.literal_routes.get(request.path)
+        if literal is not None:
+            inner: httputil.HTTPMessageDelegate = self.get_handler_delegate(
+                request, literal[0], literal[1], [], {})
+        else:
+            inner = super().find_handler(request, **kwargs)
         handler_class = getattr(inner, "handler_class", tornado.web.RequestHandler)
         limit = getattr(handler_class, "max_body", None)
         return GuardedDelegate(

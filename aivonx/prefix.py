@@ -17,7 +17,7 @@ is unloaded there or the node restarts: its cache is gone with them.
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -136,22 +136,46 @@ class Entry:
         self.nodes: dict[int, float] = {}  # node id -> when it last served the block
 
 
+class CachedPrompt:
+    """One KV-cache slot of a node as the router pictures it: the prompt it
+    holds and whether a request is using it (a slot in use is not the one
+    the next prompt overwrites)."""
+
+    __slots__ = ("blocks", "busy", "used")
+
+    def __init__(self) -> None:
+        self.blocks: tuple[int, ...] = ()
+        self.busy = False
+        self.used = 0
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading block hashes two chains share."""
+    depth = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        depth += 1
+    return depth
+
+
 class PrefixMemory:
     """Block hash -> the nodes that served it lately, least recently used
-    first. Not thread-safe: it lives on the event loop with the router."""
+    first, and per node and model a picture of its cache slots. Not
+    thread-safe: it lives on the event loop with the router."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.entries: OrderedDict[int, Entry] = OrderedDict()
         self.owned: dict[int, set[int]] = {}  # node id -> the block hashes it holds
-        # Per node and model, the prompts it served last (as many as it has
-        # slots: Ollama keeps one cached prompt a slot), and how many of
-        # them hold each block.
-        self.recent: dict[tuple[int, str], deque[tuple[int, ...]]] = {}
+        # Per node and model, its slots (Ollama keeps one cached prompt a
+        # slot), and how many of them hold each block.
+        self.slots: dict[tuple[int, str], list[CachedPrompt]] = {}
         self.held: dict[tuple[int, str], Counter[int]] = {}
         self.bytes = 0
         self.evicted = 0
+        self._clock = 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -182,25 +206,31 @@ class PrefixMemory:
             return None
         return max(entry.nodes.items(), key=lambda item: item[1])[0]
 
-    def record(self, node_id: int, model: str, hint: RoutingHint, capacity: int = 4) -> None:
-        """The node serves this prompt now: it holds its blocks from now on,
-        and no longer those of its prompts older than its last `capacity`
-        (its slots), which Ollama has evicted by then."""
+    def record(self, node_id: int, model: str, hint: RoutingHint,
+               capacity: int = 4) -> CachedPrompt:
+        """The node serves this prompt now, in one of its `capacity` slots,
+        chosen as Ollama's multi-user cache chooses: the free slot whose
+        prompt this one continues, else the least recently used free slot
+        (whose prompt is gone from then on). Hand the slot back to
+        `release` when the request ends."""
         now = time.monotonic()
-        keys = hint.blocks if hint.session is None else (*hint.blocks, hint.session)
-        slot = (node_id, model)
-        recent = self.recent.setdefault(slot, deque())
-        held = self.held.setdefault(slot, Counter())
-        recent.append(hint.blocks)
+        place = (node_id, model)
+        slots = self.slots.get(place)
+        if slots is None:
+            slots = self.slots[place] = []
+        held = self.held.setdefault(place, Counter())
+        slot = self._slot_for(slots, hint.blocks, max(1, capacity))
+        self._clock += 1
+        old, slot.blocks, slot.busy, slot.used = slot.blocks, hint.blocks, True, self._clock
         held.update(hint.blocks)
-        while len(recent) > max(1, capacity):
-            for key in recent.popleft():
-                held[key] -= 1
-                if held[key] <= 0:
-                    del held[key]
-                    entry = self.entries.get(key)
-                    if entry is not None and node_id in entry.nodes and key not in hint.blocks:
-                        self._drop(key, entry, node_id)
+        for key in old:
+            held[key] -= 1
+            if held[key] <= 0:
+                del held[key]
+                entry = self.entries.get(key)
+                if entry is not None and node_id in entry.nodes:
+                    self._drop(key, entry, node_id)
+        keys = hint.blocks if hint.session is None else (*hint.blocks, hint.session)
         owned = self.owned.setdefault(node_id, set())
         entries = self.entries
         for key in keys:
@@ -217,11 +247,60 @@ class PrefixMemory:
                 owned.add(key)
             entry.nodes[node_id] = now
         self._trim()
+        return slot
+
+    @staticmethod
+    def _slot_for(slots: list[CachedPrompt], blocks: tuple[int, ...],
+                  capacity: int) -> CachedPrompt:
+        free = [s for s in slots if not s.busy]
+        for slot in free:
+            if slot.blocks and len(slot.blocks) <= len(blocks) and \
+                    _common(slot.blocks, blocks) == len(slot.blocks):
+                return slot  # this prompt continues that slot's
+        if len(slots) < capacity:
+            slot = CachedPrompt()
+            slots.append(slot)
+            return slot
+        if free:
+            return min(free, key=lambda s: s.used)
+        # More requests than slots (someone else uses the node too): the
+        # oldest picture goes.
+        return min(slots, key=lambda s: s.used)
+
+    def evicts(self, node_id: int, model: str, hint: RoutingHint, capacity: int) -> bool:
+        """Whether serving the prompt on the node would overwrite the node's
+        only copy of another prompt's first block (a tenant's system prompt,
+        say): a miss placed there makes the next one."""
+        slots = self.slots.get((node_id, model))
+        if not slots or len(slots) < capacity:
+            return False
+        free = [s for s in slots if not s.busy]
+        for slot in free:
+            if slot.blocks and len(slot.blocks) <= len(hint.blocks) and \
+                    _common(slot.blocks, hint.blocks) == len(slot.blocks):
+                return False
+        if not free:
+            return False
+        victim = min(free, key=lambda s: s.used)
+        if not victim.blocks or (hint.blocks and victim.blocks[0] == hint.blocks[0]):
+            return False
+        return not any(s is not victim and s.blocks[:1] == victim.blocks[:1] for s in slots)
+
+    @staticmethod
+    def release(slot: CachedPrompt | None) -> None:
+        """The request using the slot ended: its prompt may be reused."""
+        if slot is not None:
+            slot.busy = False
 
     def forget(self, node_id: int, models: Iterable[str] | None = None) -> int:
         """The node lost its caches: of these models (unloaded), or all of
         them (restarted, moved, removed). Returns the blocks forgotten."""
         wanted = None if models is None else set(models)
+        for place in [p for p in self.slots if p[0] == node_id
+                      and (wanted is None or p[1] in wanted)]:
+            for slot in self.slots.pop(place):
+                slot.blocks = ()
+            del self.held[place]
         keys = self.owned.get(node_id)
         if not keys:
             return 0
@@ -235,9 +314,6 @@ class PrefixMemory:
                 dropped += 1
         if not keys:
             self.owned.pop(node_id, None)
-        for slot in [s for s in self.recent if s[0] == node_id
-                     and (wanted is None or s[1] in wanted)]:
-            del self.recent[slot], self.held[slot]
         return dropped
 
     def _drop(self, key: int, entry: Entry, node_id: int) -> None:

@@ -10,7 +10,7 @@ import itertools
 import math
 from typing import Callable, Optional
 
-from .prefix import PrefixMemory, RoutingHint
+from .prefix import CachedPrompt, PrefixMemory, RoutingHint
 from .registry import NodeState, Registry
 
 Strategy = Callable[[list[NodeState], str, "Router", Optional[RoutingHint]], list[NodeState]]
@@ -96,22 +96,28 @@ def cache_aware(nodes: list[NodeState], key: str, router: "Router",
                 hint: RoutingHint | None = None) -> list[NodeState]:
     """The nodes holding the longest part of the request's prompt (or its
     session) first, deepest and then least loaded, each only while within
-    the load bound; then the rest in warm_first order. Ollama reuses a
+    the load bound; then the rest in warm_first order, those whose cache
+    would lose its only copy of another prompt last. Ollama reuses a
     cached prefix, so such a node prefills only what is new."""
     rest = warm_first(nodes, key, router)
     if hint is None:
         return rest
-    matches = router.prefixes.matches(hint)
-    if not matches:
-        return rest
-    bound = within_bound(nodes, router.load_factor)
-    preferred = sorted((n for n in nodes if n.id in matches and n.id in bound),
-                       key=lambda n: (-matches[n.id][0], n.active_requests / n.weight,
-                                      -matches[n.id][1]))
-    if not preferred:
-        return rest
-    first = {n.id for n in preferred}
-    return preferred + [n for n in rest if n.id not in first]
+    memory = router.prefixes
+    matches = memory.matches(hint)
+    router.last_matches = (hint, matches)
+    preferred: list[NodeState] = []
+    if matches:
+        bound = within_bound(nodes, router.load_factor)
+        preferred = sorted((n for n in nodes if n.id in matches and n.id in bound),
+                           key=lambda n: (-matches[n.id][0], n.active_requests / n.weight,
+                                          -matches[n.id][1]))
+        first = {n.id for n in preferred}
+        rest = [n for n in rest if n.id not in first]
+    if hint.blocks:
+        # A prompt that goes where nothing of it is cached costs a full
+        # prefill anyway; it should not also evict some tenant's only copy.
+        rest.sort(key=lambda n: memory.evicts(n.id, key, hint, n.slots))
+    return preferred + rest
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -133,6 +139,9 @@ class Router:
         self.load_factor = DEFAULT_LOAD_FACTOR
         self.prefixes = PrefixMemory()
         self.routes: dict[str, int] = {}  # why cache_aware chose its nodes, counted
+        # The last decision's prefix matches, so that saying why a node was
+        # chosen does not look them up again.
+        self.last_matches: tuple[RoutingHint | None, dict] = (None, {})
         registry.caches_lost = self.prefixes.forget
 
     @property
@@ -178,23 +187,29 @@ class Router:
         ordered = STRATEGIES[self._strategy](sorted(up, key=lambda n: n.id), key, self, hint)
         return sorted(ordered, key=lambda n: n.health != "healthy")
 
-    def chosen(self, node: NodeState, key: str, hint: RoutingHint | None) -> str:
+    def chosen(self, node: NodeState, key: str,
+               hint: RoutingHint | None) -> tuple[str, CachedPrompt | None]:
         """A request got a slot on `node`: say why (the X-Aivonx-Route
         header) and, under cache_aware, remember that the node holds its
-        prompt from now on."""
+        prompt from now on, in the cache slot returned (for
+        `prefixes.release` once the request ends)."""
         if self._strategy != "cache_aware":
-            return self._strategy
-        route = "least_active"
+            return self._strategy, None
+        route, cached = "least_active", None
         if hint is not None:
             if hint.session is not None and self.prefixes.session_node(hint) == node.id:
                 route = "session"
-            elif hint.blocks and node.id in self.prefixes.matches(hint):
+            elif hint.blocks and node.id in self._matches(hint):
                 route = "prefix"
-            self.prefixes.record(node.id, key, hint, node.slots)
+            cached = self.prefixes.record(node.id, key, hint, node.slots)
         if route == "least_active" and key in node.loaded_keys():
             route = "warm"
         self.routes[route] = self.routes.get(route, 0) + 1
-        return route
+        return route, cached
+
+    def _matches(self, hint: RoutingHint) -> dict:
+        seen, matches = self.last_matches
+        return matches if seen is hint else self.prefixes.matches(hint)
 
     def affinity(self) -> dict[str, int | float | None]:
         """Affinity hits (the node held the prompt or session) and misses

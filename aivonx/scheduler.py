@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Hashable
+from typing import Any, Hashable
 from dataclasses import dataclass, field
 
 from .prefix import RoutingHint
@@ -39,6 +38,7 @@ class Slot:
     waited: float = 0.0
     ok: bool = True
     route: str = ""  # why the router chose the node (X-Aivonx-Route)
+    cached: Any = None  # the node's cache slot the router pictures it using
 
 
 @dataclass(eq=False)
@@ -244,26 +244,15 @@ class Scheduler:
             await asyncio.sleep(POLL)
             self.dispatch()
 
-    @asynccontextmanager
-    async def slot(self, key: str, exclude: set[int],
-                   abandoned: asyncio.Future | None = None,
-                   hint: RoutingHint | None = None, owner: Hashable = None,
-                   priority: int = 1) -> AsyncIterator[Slot | None]:
+    def slot(self, key: str, exclude: set[int],
+             abandoned: asyncio.Future | None = None,
+             hint: RoutingHint | None = None, owner: Hashable = None,
+             priority: int = 1) -> "SlotHold":
         """Hold a slot of the best free node for `key` (waiting in the queue
-        if all are busy) for the duration of the block, and free it after.
-        Yields None when every node was tried or the client left; raises
-        Unroutable as acquire does."""
-        asked = time.monotonic()
-        node = await self.acquire(key, exclude, abandoned, hint, owner, priority)
-        if node is None:
-            yield None
-            return
-        held = Slot(node, waited=time.monotonic() - asked,
-                    route=self.router.chosen(node, key, hint))
-        try:
-            yield held
-        finally:
-            self.release(node, held.ok)
+        if all are busy) for the duration of an `async with` block, and free
+        it after. Yields None when every node was tried or the client left;
+        raises Unroutable as acquire does."""
+        return SlotHold(self, key, exclude, abandoned, hint, owner, priority)
 
     def _abandon(self, waiter: Waiter) -> None:
         """The waiter leaves unserved; a slot reserved for it in the meantime
@@ -309,3 +298,43 @@ class Scheduler:
                 waiter.future.set_result(node)
                 return True
         return False
+
+
+class SlotHold:
+    """The `async with` of Scheduler.slot, as a plain class: a generator-based
+    context manager costs an async generator, its frames and two awaits per
+    request on the hot path."""
+
+    __slots__ = ("scheduler", "key", "exclude", "abandoned", "hint", "owner", "priority",
+                 "held")
+
+    def __init__(self, scheduler: Scheduler, key: str, exclude: set[int],
+                 abandoned: asyncio.Future | None, hint: RoutingHint | None,
+                 owner: Hashable, priority: int) -> None:
+        self.scheduler = scheduler
+        self.key = key
+        self.exclude = exclude
+        self.abandoned = abandoned
+        self.hint = hint
+        self.owner = owner
+        self.priority = priority
+        self.held: Slot | None = None
+
+    async def __aenter__(self) -> Slot | None:
+        scheduler = self.scheduler
+        asked = time.monotonic()
+        node = await scheduler.acquire(self.key, self.exclude, self.abandoned, self.hint,
+                                       self.owner, self.priority)
+        if node is None:
+            return None
+        route, cached = scheduler.router.chosen(node, self.key, self.hint)
+        self.held = Slot(node, waited=time.monotonic() - asked, route=route, cached=cached)
+        return self.held
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        held, self.held = self.held, None
+        if held is not None:
+            try:
+                self.scheduler.router.prefixes.release(held.cached)
+            finally:
+                self.scheduler.release(held.node, held.ok)

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
 
 log = logging.getLogger("aivonx.server")
 
@@ -55,6 +56,10 @@ def connection_cap(max_connections: int, fd_limit: int | None = None) -> int:
     return max(1, min(max_connections, (fd_limit - reserved) // 2))
 
 
+def _nodelay_kept(value: bool) -> None:
+    """A connection's TCP_NODELAY, set once when it was accepted, stays."""
+
+
 class BoundedHTTPServer(HTTPServer):
     def initialize(self, *args: Any, max_connections: int = 4096, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
@@ -64,6 +69,15 @@ class BoundedHTTPServer(HTTPServer):
         self.accept_errors_total = 0
         self._last_error_log = 0.0
         self._resume_timer: Any = None
+
+    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        # Tornado turns Nagle's algorithm off at the end of each response and
+        # on again for the next one: two setsockopt calls per request. Every
+        # write here is a flush meant to leave at once (a relayed chunk above
+        # all), so it stays off for the connection's life.
+        stream.set_nodelay(True)
+        stream.set_nodelay = _nodelay_kept  # type: ignore[method-assign]
+        super().handle_stream(stream, address)
 
     # -- accepting ------------------------------------------------------------
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:

@@ -205,7 +205,7 @@ def summarise(outcome: Outcome, node_ports: list[int]) -> dict:
 
 def report(results: dict[str, dict], work: Workload, machine: dict[str, str],
            command: str) -> str:
-    base = results["least_active"]
+    base = results.get("least_active", {"ttfc_p90_ms": None})
     lines = [
         "## Cache-aware routing", "",
         f"`{command}` — {work.conversations} conversations × {work.turns} turns, "
@@ -218,7 +218,7 @@ def report(results: dict[str, dict], work: Workload, machine: dict[str, str],
         "failed | routes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in STRATEGIES:
+    for name in results:
         r = results[name]
         gain = (f"{base['ttfc_p90_ms'] / r['ttfc_p90_ms']:.1f}×"
                 if r["ttfc_p90_ms"] and base["ttfc_p90_ms"] else "—")
@@ -232,10 +232,10 @@ def report(results: dict[str, dict], work: Workload, machine: dict[str, str],
 
 async def run(ports: dict[str, int], work: Workload) -> dict[str, Outcome]:
     conversations = plan(work)
-    outcomes = {name: Outcome() for name in STRATEGIES}
+    outcomes = {name: Outcome() for name in ports}
     t0 = time.perf_counter() + 0.5
     tasks = [converse(ports[name], conv, t0, outcomes[name])
-             for conv in conversations for name in STRATEGIES]
+             for conv in conversations for name in ports]
     await asyncio.gather(*tasks)
     return outcomes
 
@@ -250,6 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the nodes' prefill seconds per uncached prompt token")
     parser.add_argument("--load-factor", type=float,
                         help="cache_aware's cache_load_factor (default: Aivonx's, 1.25)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="which to run, comma-separated (least_active is the reference)")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON as well")
     return parser.parse_args(argv)
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         work.conversations, work.turns, work.window, work.think = 16, 3, 10.0, (1.0, 3.0)
     work.conversations = args.conversations or work.conversations
     work.turns = args.turns or work.turns
+    strategies = [s for s in STRATEGIES if s in args.strategies.split(",")]
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     raise_nofile_limit()
     workdir = Path(tempfile.mkdtemp(prefix="aivonx-cache-bench-"))
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()[0]
     try:
         proxies, nodes = {}, {}
-        for name in STRATEGIES:
+        for name in strategies:
             sub = workdir / name
             sub.mkdir()
             proxies[name], nodes[name] = start_strategy(children, sub, name, args.per_token,
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: aivonx on {proxies[name]}, nodes {nodes[name]}")
         log(f"running {work.conversations} conversations x {work.turns} turns per strategy")
         outcomes = asyncio.run(run(proxies, work))
-        results = {name: summarise(outcomes[name], nodes[name]) for name in STRATEGIES}
+        results = {name: summarise(outcomes[name], nodes[name]) for name in strategies}
     finally:
         children.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if os.environ.get("CACHE_BENCH_TRACE"):
-        for name in STRATEGIES:
+        for name in strategies:
             for t in sorted(outcomes[name].turns, key=lambda t: t.sent_at):
                 log(f"{name} c{t.conversation} t{t.turn} {t.node} {t.route} "
                     f"{t.ttfc and round(t.ttfc * 1000)} at {t.sent_at:.2f}")

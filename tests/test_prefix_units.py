@@ -30,10 +30,14 @@ def cluster(count: int = 3) -> tuple[Registry, Router]:
     return registry, Router(registry, "cache_aware")
 
 
-def route(router: Router, h: RoutingHint) -> tuple[int, str]:
-    """One decision as the scheduler makes it: the first candidate, then chosen()."""
+def route(router: Router, h: RoutingHint, hold: bool = False) -> tuple[int, str]:
+    """One request as the scheduler serves it: the first candidate, chosen(),
+    and (unless `hold`) its end, which frees the node's cache slot."""
     node = router.candidates(KEY, hint=h)[0]
-    return node.id, router.chosen(node, KEY, h)
+    why, cached = router.chosen(node, KEY, h)
+    if not hold:
+        router.prefixes.release(cached)
+    return node.id, why
 
 
 def test_a_follow_up_turn_extends_the_previous_turns_blocks():
@@ -78,8 +82,8 @@ def test_memory_bounds_entries_and_bytes_evicting_the_oldest():
     memory = PrefixMemory(max_entries=10)
     old = RoutingHint(blocks=tuple(range(100, 108)))
     new = RoutingHint(blocks=tuple(range(200, 208)))
-    memory.record(1, "m", old)
-    memory.record(2, "m", new)
+    memory.release(memory.record(1, "m", old))
+    memory.release(memory.record(2, "m", new))
     assert len(memory) == 10
     assert memory.matches(new) == {2: (8, memory.entries[207].nodes[2])}
     assert memory.matches(old) == {}  # its first blocks went first: the chain is cut
@@ -93,9 +97,8 @@ def test_memory_forgets_a_node_per_model_or_entirely():
     memory = PrefixMemory()
     a = RoutingHint(blocks=(1, 2, 3))
     b = RoutingHint(blocks=(7, 8))
-    memory.record(1, "m", a)
-    memory.record(2, "m", a)
-    memory.record(1, "other", b)
+    for node, model, prompt in ((1, "m", a), (2, "m", a), (1, "other", b)):
+        memory.release(memory.record(node, model, prompt))
     assert memory.forget(1, {"m"}) == 3
     assert set(memory.matches(a)) == {2}
     assert set(memory.matches(b)) == {1}
@@ -155,7 +158,7 @@ def test_the_session_node_wins_over_a_deeper_prefix_elsewhere():
                                                                  "content": "other"}]},
                    {prefix.SESSION_HEADER: "abc"})
     other = next(n for n in registry.nodes if n != prefix_home)
-    router.chosen(registry.nodes[other], KEY, session)  # the session lives there
+    router.prefixes.release(router.chosen(registry.nodes[other], KEY, session)[1])
     with_session = hint(body, {prefix.SESSION_HEADER: "abc"})
     assert route(router, with_session) == (other, "session")
     assert router.affinity()["hits"] >= 1
@@ -175,9 +178,38 @@ def test_a_node_holds_only_as_many_prompts_as_it_has_slots():
     shared = (1, 2)
     prompts = [RoutingHint(blocks=shared + (10 * i,)) for i in range(1, 4)]
     for prompt in prompts:
-        memory.record(1, "m", prompt, capacity=2)
+        memory.release(memory.record(1, "m", prompt, capacity=2))
     assert memory.matches(prompts[0]) == {1: (2, memory.entries[2].nodes[1])}  # shared only
     assert memory.matches(prompts[2])[1][0] == 3
-    memory.record(1, "m", RoutingHint(blocks=(7,)), capacity=2)
-    memory.record(1, "m", RoutingHint(blocks=(8,)), capacity=2)
+    for other in (7, 8):
+        memory.release(memory.record(1, "m", RoutingHint(blocks=(other,)), capacity=2))
     assert memory.matches(prompts[2]) == {}  # evicted from both of its slots
+
+
+def test_a_new_prompt_overwrites_the_least_recently_used_free_slot():
+    memory = PrefixMemory()
+    tenant = RoutingHint(blocks=(1, 2, 3))
+    other = RoutingHint(blocks=(9,))
+    memory.release(memory.record(1, "m", tenant, capacity=2))
+    memory.release(memory.record(1, "m", other, capacity=2))
+    using = memory.record(1, "m", RoutingHint(blocks=(1, 2, 3, 4)), capacity=2)
+    assert memory.matches(RoutingHint(blocks=(9, 10)))[1][0] == 1  # the continuation took the tenant slot
+    memory.record(1, "m", RoutingHint(blocks=(50,)), capacity=2)
+    assert memory.matches(other) == {}  # the only free slot went to the new prompt
+    assert memory.matches(RoutingHint(blocks=(1, 2, 3, 4, 5)))[1][0] == 4  # in use, held
+    memory.release(using)
+
+
+def test_a_prompt_cached_nowhere_avoids_evicting_a_nodes_only_copy_of_another():
+    for turn in range(4):
+        registry, router = cluster(2)
+        for state in registry.nodes.values():
+            state.slots = 1
+        for _ in range(turn):
+            router.next_turn()
+        home, _ = route(router, hint(chat("hello", system="tenant a " * 400)))
+        if turn % 2:
+            router.next_turn()  # least_active's rotation would pick home again
+        other, why = route(router, hint(chat("hello", system="tenant b " * 400)))
+        assert other != home and why == "least_active"
+        assert router.prefixes.evicts(home, KEY, hint(chat("x", system="c " * 900)), 1)

@@ -50,18 +50,27 @@ BUSY_STATUS = frozenset({429, 503})
 MAX_BUFFERED_ERROR = 64 * 1024
 
 
-def upstream_headers(headers: httputil.HTTPHeaders) -> httputil.HTTPHeaders:
-    """The client's headers a node gets: every value of each end-to-end
-    header, nothing hop-by-hop (also what the client named in Connection)."""
-    dropped = NOT_FORWARDED_UP | connection_tokens(headers)
-    out = httputil.HTTPHeaders()
+def upstream_headers(headers: httputil.HTTPHeaders) -> bytes:
+    """The client's header lines a node gets, encoded once per request (every
+    attempt sends the same ones): every value of each end-to-end header,
+    nothing hop-by-hop (also what the client named in Connection)."""
+    dropped = NOT_FORWARDED_UP
+    if "Connection" in headers:
+        dropped = dropped | connection_tokens(headers)
+    lines = []
+    content_type = False
     for name, value in headers.get_all():
-        if name.lower() not in dropped:
-            out.add(name, value)
-    if "Content-Type" not in out:
-        out["Content-Type"] = "application/json"
-    out["Connection"] = "keep-alive"
-    return out
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if "\n" in value or "\r" in value:  # Tornado's parser never lets one through
+            raise ValueError(f"line break in the value of header {name}")
+        content_type = content_type or lower == "content-type"
+        lines.append(f"{name}: {value}\r\n")
+    if not content_type:
+        lines.append("Content-Type: application/json\r\n")
+    lines.append("Connection: keep-alive\r\n")
+    return "".join(lines).encode("latin-1")
 
 
 class Attempt:

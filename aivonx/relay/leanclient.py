@@ -118,11 +118,13 @@ class LeanClient:
         return stream
 
     async def fetch(self, base_url: str, path: str, method: str,
-                    headers: httputil.HTTPHeaders, body: bytes | None,
+                    fields: bytes, body: bytes | None,
                     handle: ConnectionHandle, on_head: OnHead, on_chunk: OnChunk,
                     connect_timeout: float) -> Outcome:
-        """One request to the node at `base_url`; never raises for what the
-        node or the network did (the error is in the Outcome)."""
+        """One request to the node at `base_url`, with the header lines
+        `fields` (encoded, each ending in CRLF; Host and Content-Length are
+        added here); never raises for what the node or the network did (the
+        error is in the Outcome)."""
         node = self._node(base_url)
         try:
             stream = await self._connect(node, handle, connect_timeout)
@@ -130,25 +132,21 @@ class LeanClient:
             return Outcome(599, exc.with_traceback(None))
         handle.attach(stream)
         try:
-            return await self._exchange(stream, node, path, method, headers, body, handle,
+            return await self._exchange(stream, node, path, method, fields, body, handle,
                                         on_head, on_chunk)
         except Exception as exc:
             stream.close()
             return Outcome(599, exc.with_traceback(None))
 
     async def _exchange(self, stream: IOStream, node: _Node, path: str, method: str,
-                        headers: httputil.HTTPHeaders, body: bytes | None,
+                        fields: bytes, body: bytes | None,
                         handle: ConnectionHandle, on_head: OnHead, on_chunk: OnChunk
                         ) -> Outcome:
-        head = [f"{method} {node.prefix}{path} HTTP/1.1\r\nHost: {node.host_header}\r\n"]
-        for name, value in headers.get_all():
-            if "\n" in value or "\r" in value:  # Tornado's parser never lets one through
-                raise ValueError(f"line break in the value of header {name}")
-            head.append(f"{name}: {value}\r\n")
-        if body or method in ("POST", "PUT", "PATCH"):
-            head.append(f"Content-Length: {len(body or b'')}\r\n")
-        head.append("\r\n")
-        raw = "".join(head).encode("latin-1")
+        length = (f"Content-Length: {len(body or b'')}\r\n"
+                  if body or method in ("POST", "PUT", "PATCH") else "")
+        raw = b"".join((f"{method} {node.prefix}{path} HTTP/1.1\r\nHost: {node.host_header}"
+                        f"\r\n".encode("latin-1"), fields,
+                        f"{length}\r\n".encode("latin-1")))
         if body and len(body) <= SEND_WITH_HEAD:
             stream.write(raw + body)
         else:

@@ -180,7 +180,6 @@ class ConnectionPool:
             if stream.closed() or now - since > self.max_idle or has_unread(stream):
                 stream.close()
                 continue
-            stream.set_close_callback(None)
             return stream
         return None
 
@@ -190,26 +189,26 @@ class ConnectionPool:
         while streams and (now - streams[0][0] > self.max_idle or
                            len(streams) >= MAX_IDLE_PER_NODE):
             streams.pop(0)[1].close()
-        entry = (now, stream)
-        streams.append(entry)
-
-        def closed_by_node() -> None:
-            if entry in streams:
-                streams.remove(entry)
-
-        # Watching for close also notices a node that hangs up while idle.
-        stream.set_close_callback(closed_by_node)
+        # No close callback: registering one costs an epoll change per
+        # request. A node that hangs up while a connection is idle is noticed
+        # when the connection is taken (closed, or readable: has_unread) or
+        # by the purge timer within purge_interval.
+        streams.append((now, stream))
         if self._purger is None:
             self._purger = PeriodicCallback(self.purge, self.purge_interval * 1000)
             self._purger.start()
 
     def purge(self) -> None:
-        """Close the connections idle for longer than max_idle; the timer
+        """Close the connections idle for longer than max_idle or hung up by
+        their node; the timer
         stops once none are left and starts again with the next one kept."""
         now = time.monotonic()
         for key, streams in list(self.idle.items()):
-            while streams and (now - streams[0][0] > self.max_idle or streams[0][1].closed()):
+            while streams and now - streams[0][0] > self.max_idle:
                 streams.pop(0)[1].close()
+            for entry in [e for e in streams if e[1].closed() or has_unread(e[1])]:
+                streams.remove(entry)  # the node hung up (or sent what no one asked for)
+                entry[1].close()
             if not streams:
                 del self.idle[key]
         if not self.idle:

@@ -1,10 +1,12 @@
-"""A fake node's prompt cache, modelled on Ollama's: per model, `slots` KV
-caches, each holding the last prompt processed in it.
+"""A fake node's prompt cache, modelled on Ollama's multi-user cache
+(OLLAMA_MULTIUSER_CACHE, the setting for a server many users share): per
+model, `slots` KV caches, each holding the last prompt processed in it.
 
-A request reuses the longest prefix its prompt shares with a free slot's
-cached prompt; it extends that slot when its prompt continues it, else it
-takes the least recently used slot, so that another conversation's cache
-survives; it prefills only the rest: its time to first chunk is
+A request reuses the longest prefix its prompt shares with any slot's
+cached prompt (one in use included: Ollama copies that prefix into the slot
+it takes). It extends a free slot when its prompt continues that slot's,
+else it takes the least recently used free slot, so that other prompts
+stay cached. It prefills only the rest: its time to first chunk is
 `base + per_token x (prompt tokens not shared)`, tokens being whitespace
 words (a role counts as one). The counters say how much was reused, so a
 benchmark can compare routing strategies by the work the nodes did.
@@ -86,12 +88,11 @@ class PrefixCache:
         free = [s for s in slots if not s.busy]
         shared, slot = 0, None
         if free:
-            scored = [(len(os.path.commonprefix([s.tokens, tokens])), s) for s in free]
+            scored = [(len(os.path.commonprefix([s.tokens, tokens])), s) for s in slots]
             shared, slot = max(scored, key=lambda t: t[0])
-            if shared < len(slot.tokens):
-                # Not an extension of that slot's prompt: its prefix is copied to the
-                # least recently used slot, and the other prompt stays cached (as
-                # Ollama does with OLLAMA_MULTIUSER_CACHE).
+            if slot.busy or shared < len(slot.tokens):
+                # Not a free slot this prompt extends: the shared prefix is copied
+                # to the least recently used free slot, and the other prompt stays.
                 slot = min(free, key=lambda s: s.used)
             slot.busy, slot.used, slot.tokens = True, next(self._clock), tokens
         self.requests += 1
