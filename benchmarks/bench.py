@@ -5,7 +5,8 @@
     python benchmarks/bench.py --quick --targets direct,aivonx   # smoke run, under a minute
 
 Every server is a separate process on 127.0.0.1: two fake Ollama nodes
-(tests/fakes/fake_ollama.py), Aivonx (run.py) and nginx in front of both nodes.
+(benchmarks/fastnode.py, fast enough not to cap the direct figure; --fake-nodes: the
+tests' tests/fakes/fake_ollama.py), Aivonx (run.py) and nginx in front of both nodes.
 This process is the load generator: a lean asyncio HTTP/1.1 client that parses
 responses itself, so it can time every socket read and count the NDJSON lines
 in it (an HTTP library would merge reads and cost more than the proxy under test).
@@ -251,10 +252,12 @@ class Cluster:
         self.proxies[target] = self.launchers[target]()
 
 
-def node_command(port: int, node_args: list[str]) -> list[str]:
-    """The command line of a fake node (port 0: any free port)."""
-    return [sys.executable, "-m", "tests.fakes.fake_ollama", "--port", str(port),
-            "--models", MODELS, *node_args]
+def node_command(port: int, node_args: list[str], fast: bool = False) -> list[str]:
+    """The command line of a fake node (port 0: any free port): benchmarks/fastnode.py
+    when `fast`, else the tests' Tornado fake (all of Ollama's API and its faults, but a
+    few thousand requests/s at most)."""
+    program = [str(HERE / "fastnode.py")] if fast else ["-m", "tests.fakes.fake_ollama"]
+    return [sys.executable, *program, "--port", str(port), "--models", MODELS, *node_args]
 
 
 def listening_port(log_path: Path) -> int | None:
@@ -263,9 +266,9 @@ def listening_port(log_path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def start_nodes(children: Children, workdir: Path, node_args: list[str], count: int = 2
-                ) -> tuple[list[int], list[subprocess.Popen]]:
-    started = [children.start(f"node{i}", node_command(0, node_args), workdir)
+def start_nodes(children: Children, workdir: Path, node_args: list[str], count: int = 2,
+                fast: bool = False) -> tuple[list[int], list[subprocess.Popen]]:
+    started = [children.start(f"node{i}", node_command(0, node_args, fast), workdir)
                for i in range(count)]
     ports = []
     for proc, log_path in started:
@@ -392,11 +395,12 @@ class Setup:
     base_root: Path | None = None   # the checkout of the `base` target
     workers: int = 1                # --workers of the `aivonx` target (and `base` if it has it)
     wrk: str | None = None          # the wrk binary for the small requests
+    fast_nodes: bool = True         # benchmarks/fastnode.py, not tests/fakes/fake_ollama.py
 
 
 def start_cluster(children: Children, workdir: Path, node_args: list[str],
                   targets: list[str], setup: Setup) -> Cluster:
-    node_ports, node_procs = start_nodes(children, workdir, node_args)
+    node_ports, node_procs = start_nodes(children, workdir, node_args, fast=setup.fast_nodes)
     cluster = Cluster(children, node_ports, node_procs)
     extra = ("--workers", str(setup.workers)) if setup.workers != 1 else ()
     preparers = {
@@ -813,8 +817,8 @@ WRK_THREADS = 2  # one per core of the box this was tuned on; direct: one thread
 
 
 async def wrk_small(binary: str, ports: list[int], duration: float, path: str,
-                    body: dict) -> Metrics:
-    """SMALL_CONNECTIONS keep-alive connections sending the same POST for `duration`
+                    body: dict, connections: int = SMALL_CONNECTIONS) -> Metrics:
+    """`connections` keep-alive connections sending the same POST for `duration`
     seconds, driven by wrk (C, an event loop per thread): it reaches far more requests/s
     than any Python client, so what the targets can take is what is measured."""
     threads = max(WRK_THREADS, len(ports))
@@ -824,7 +828,7 @@ async def wrk_small(binary: str, ports: list[int], duration: float, path: str,
         out.write(script)
     try:
         proc = await asyncio.create_subprocess_exec(
-            binary, "-t", str(threads), "-c", str(SMALL_CONNECTIONS),
+            binary, "-t", str(threads), "-c", str(connections),
             "-d", f"{max(1, round(duration))}s", "--timeout", f"{REQUEST_TIMEOUT:g}s",
             "-s", out.name, f"http://{HOST}:{ports[0]}{path}",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -1336,6 +1340,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "interleaved with the current one, e.g. 72933bf")
     parser.add_argument("--workers", type=int, default=1,
                         help="--workers of the Aivonx processes (default 1)")
+    parser.add_argument("--fake-nodes", action="store_true",
+                        help="the tests' Tornado fake nodes instead of benchmarks/fastnode.py "
+                             "(they cap the direct figure near 2,000 requests/s)")
     parser.add_argument("--no-wrk", action="store_true",
                         help="small requests through the Python client even if wrk is there")
     parser.add_argument("--scenarios", default="small,paced,fast,slow",
@@ -1390,6 +1397,8 @@ def main(argv: list[str] | None = None) -> int:
             f"wrk ({WRK_THREADS} threads, {SMALL_CONNECTIONS} connections)" if opts.wrk else
             "the Python client (wrk is not installed: `apt-get install wrk`), which caps "
             "the direct figure well below what the nodes take"))
+    notes.append("nodes: " + ("tests/fakes/fake_ollama.py (Tornado), which caps the direct "
+                              "figure" if args.fake_nodes else "benchmarks/fastnode.py"))
     if args.workers != 1:
         notes.append(f"Aivonx runs with --workers {args.workers}.")
     wanted = args.scenarios.split(",")
@@ -1398,7 +1407,8 @@ def main(argv: list[str] | None = None) -> int:
     children = Children()
     load_at_start = os.getloadavg()[0]
     try:
-        setup = Setup(nginx=nginx, workers=args.workers, wrk=opts.wrk)
+        setup = Setup(nginx=nginx, workers=args.workers, wrk=opts.wrk,
+                      fast_nodes=not args.fake_nodes)
         if args.base_commit:
             setup.base_root = export_commit(args.base_commit, workdir)
             notes.append(f"base is Aivonx at commit {args.base_commit}, exported with "

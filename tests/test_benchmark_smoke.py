@@ -42,6 +42,7 @@ def test_quick_benchmark_prints_every_table_without_errors() -> None:
         assert heading in out
     assert re.search(r"^\| metric \| direct \| aivonx \| aivonx ÷ nginx \|", out, re.M)
     assert re.search(r"^errors: direct=0 aivonx=0$", out, re.M), out
+    assert "Note: nodes: benchmarks/fastnode.py" in out  # the nodes the figures come from
 
 
 def test_quick_soak_loses_nothing_and_prints_its_summary() -> None:
