@@ -17,6 +17,7 @@ from tornado.ioloop import PeriodicCallback
 from . import store
 from .auth import Auth
 from .cluster import Cluster, SharedSlots
+from .cluster.health import SharedHealth
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .keepalive import KeepAlivePolicy
@@ -86,11 +87,14 @@ class Context:
         self._refresher: PeriodicCallback | None = None
         self.instance = settings.instance_name or f"{socket.gethostname()}-{os.getpid()}"
         self.cluster: Cluster | None = None
+        self.health: SharedHealth | None = None
         self._leaving: asyncio.Future | None = None
         if settings.redis:
             self.cluster = Cluster(settings.redis, self.instance, self.nodes, self.keep_alive)
             self.scheduler.shared = SharedSlots(self.cluster)
             self.nodes.on_change = self.cluster.publish
+            self.health = SharedHealth(self.cluster, self.registry, self._status_changed)
+            self.cluster.live_handlers["health"] = self.health.apply
 
     def _status_changed(self, node: NodeState) -> None:
         if not node.healthy:

@@ -148,6 +148,14 @@ class Registry:
         # Told when a node's KV caches are gone: for some models (unloaded
         # there) or all of them (None: it restarted, moved or was removed).
         self.caches_lost: Callable[[int, Iterable[str] | None], Any] | None = None
+        # Told when this instance observed a change of a node's health or
+        # model lists (aivonx.cluster.health shares it); not for changes
+        # applied from other instances, so nothing echoes back.
+        self.observed: Callable[[NodeState], Any] | None = None
+
+    def _observed(self, state: NodeState) -> None:
+        if self.observed is not None:
+            self.observed(state)
 
     def _caches_lost(self, state: NodeState, models: Iterable[str] | None = None) -> None:
         if self.caches_lost is not None:
@@ -210,6 +218,8 @@ class Registry:
             self._caches_lost(state)  # it was unreachable: likely restarted
         if not state.resting():
             state.reason = "ok"  # else keep saying why it rests
+        if changed:
+            self._observed(state)
         return changed
 
     def mark_down(self, state: NodeState, reason: str) -> bool:
@@ -220,6 +230,8 @@ class Registry:
             state.since = time.time()
         if not state.resting():
             state.reason = reason[:300]  # else keep saying why it rests
+        if changed:
+            self._observed(state)
         return changed
 
     def transport_failed(self, state: NodeState, reason: str) -> bool:
@@ -231,15 +243,19 @@ class Registry:
         state.reason = (f"circuit open for {state.breaker.cooldown:g} s after "
                         f"{BREAKER_FAILURES} failures: {reason}")[:300]
         state.since = time.time()
+        self._observed(state)
         return True
 
     def busy(self, state: NodeState, retry_after: float | None) -> None:
         """The node said 429/503: let it rest instead of hammering it."""
         rest = BUSY_COOLDOWN if retry_after is None else retry_after
         rest = max(1.0, min(rest, BUSY_COOLDOWN_MAX))
+        was_resting = state.resting()
         state.cooldown_until = time.monotonic() + rest
         state.last_error_at = time.monotonic()
         state.reason = f"busy: resting {rest:g} s"
+        if not was_resting:
+            self._observed(state)
 
     def record_latency(self, state: NodeState, seconds: float) -> None:
         state.last_latency = seconds
@@ -258,6 +274,8 @@ class Registry:
         if changed:
             self.set_models(state, names)
         state.tags = entries
+        if changed:
+            self._observed(state)
         return changed
 
     def set_models(self, state: NodeState, names: Iterable[str],
@@ -277,7 +295,38 @@ class Registry:
         longer there took their KV caches with them."""
         before = state.loaded_keys() if state.loaded else set()
         state.loaded = entries
+        after = state.loaded_keys() if entries else set()
         if before:
+            gone = before - after
+            if gone:
+                self._caches_lost(state, gone)
+        if before != after:
+            self._observed(state)
+
+    def apply_shared(self, state: NodeState, healthy: bool, reason: str, breaker_for: float,
+                     rest_for: float, models: list[str] | None,
+                     loaded: list[str] | None) -> None:
+        """What another instance observed of the node (validated by the
+        caller): its health, how long it rests, its model lists. Not told
+        to `observed`: a received change is not sent on. This instance's
+        own probes and requests keep deciding afterwards, as ever."""
+        now = time.monotonic()
+        if healthy != state.healthy:
+            state.healthy = healthy
+            state.since = time.time()
+            if healthy:
+                self._caches_lost(state)
+        if breaker_for > 0 and now + breaker_for > state.breaker.until:
+            state.breaker.until = now + breaker_for
+        if rest_for > 0 and now + rest_for > state.cooldown_until:
+            state.cooldown_until = now + rest_for
+        if reason:
+            state.reason = reason[:300]
+        if models is not None and set(models) != set(state.models.values()):
+            self.set_models(state, models, [{"name": m, "model": m} for m in models])
+        if loaded is not None:
+            before = state.loaded_keys() if state.loaded else set()
+            state.loaded = [{"name": m, "model": m} for m in loaded]
             gone = before - state.loaded_keys()
             if gone:
                 self._caches_lost(state, gone)

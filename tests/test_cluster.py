@@ -161,3 +161,58 @@ async def test_redis_stopped_and_restarted_under_load_loses_no_request(
     assert max(counted) >= 1          # counted in Redis again
     shared_again = [r for r in records if (r.finished_at or 0) >= exact_from]
     assert len(shared_again) >= 10 and overlap(shared_again) <= 2
+
+
+async def test_a_node_failing_through_one_instance_leaves_the_others_pool_within_a_second(
+        io_loop, make_node, make_proxy, postgres_url, redis_url):
+    failing, spare = await make_node(), await make_node()
+    a = await make_proxy([failing, spare], db=postgres_url, redis=redis_url, instance_name="a",
+                         health_interval=60)
+    b = await make_proxy(db=postgres_url, redis=redis_url, instance_name="b",
+                         health_interval=60)
+    await wait_for(lambda: all(len(p.ctx.cluster.instances) == 2 for p in (a, b)), 5)
+    assert b.node(failing).routable and b.node(spare).routable
+    await failing.stop()
+    for i in range(4):  # whichever node a picks first, the request is served
+        assert (await generate(a, f"p{i}")).done
+    assert not a.node(failing).routable  # a found out by sending to it
+    await wait_for(lambda: not b.node(failing).routable, 1.0)
+    assert b.node(failing).reason == a.node(failing).reason
+    assert b.node(spare).routable
+    answer = await generate(b, "after")
+    assert answer.done and spare.requests_to("/api/generate")[-1].json["prompt"] == "after"
+
+
+async def test_a_model_seen_by_one_instances_probe_is_routable_through_the_other(
+        io_loop, make_node, make_proxy, postgres_url, redis_url):
+    fake = await make_node()
+    a = await make_proxy([fake], db=postgres_url, redis=redis_url, instance_name="a")
+    b = await make_proxy(db=postgres_url, redis=redis_url, instance_name="b",
+                         health_interval=60)
+    await wait_for(lambda: all(len(p.ctx.cluster.instances) == 2 for p in (a, b)), 5)
+    assert "qwen3:latest" not in b.node(fake).models.values()
+    fake.models.append("qwen3:latest")
+    await wait_for(lambda: "qwen3:latest" in b.node(fake).models.values(), 1.5)
+    answer = await ollama.AsyncClient(host=b.url).generate(model="qwen3", prompt="hi",
+                                                           stream=False)
+    assert answer.done and fake.requests_to("/api/generate")[-1].json["model"] == "qwen3"
+
+
+async def test_a_malformed_health_message_changes_nothing(
+        io_loop, make_node, make_proxy, postgres_url, redis_url):
+    fake = await make_node()
+    a, b = await pair(make_proxy, [fake], postgres_url, redis_url, health_interval=60)
+    node = b.node(fake)
+    good = {"from": "a", "kind": "health", "node": node.id, "url": node.url, "healthy": False,
+            "reason": "down", "breaker_for": 0, "rest_for": 0, "models": ["llama3:latest"],
+            "loaded": []}
+    bad = [dict(good, healthy="no"), dict(good, node=True), dict(good, breaker_for=-1),
+           dict(good, models=["x"] * 2000), dict(good, loaded="llama3"),
+           dict(good, url="http://127.0.0.1:1"), dict(good, rest_for=float("nan"))]
+    for message in bad:
+        await a.ctx.cluster.redis.publish("aivonx:live", json.dumps(message))
+    await a.ctx.cluster.redis.publish("aivonx:live", b"\xff not json")
+    await a.ctx.cluster.redis.publish("aivonx:live", json.dumps(dict(good, healthy=True,
+                                                                     reason="marker")))
+    await wait_for(lambda: node.reason == "marker", 1.0)
+    assert node.routable and "llama3:latest" in node.models.values()

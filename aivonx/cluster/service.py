@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from .. import store
 from ..registry import NodeState
+from .health import LIVE, MAX_MESSAGE
 from .leases import Leases
 
 log = logging.getLogger("aivonx.cluster")
@@ -49,6 +50,8 @@ class Cluster:
         self.changes_applied = 0
         self._tasks: list[asyncio.Future] = []
         self._publishing: set[asyncio.Future] = set()
+        # Live news on LIVE (node health, slot wake-ups), by message kind.
+        self.live_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
 
     # -- state ------------------------------------------------------------------
     def lost(self, exc: BaseException) -> None:
@@ -136,14 +139,18 @@ class Cluster:
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
+                    await pubsub.subscribe(CHANNEL, LIVE)
                     if not first:
                         await self._reload_all()  # changes sent while we were not listening
                     first = False
                     while True:
                         message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                            timeout=1.0)
-                        if message is not None:
+                        if message is None:
+                            continue
+                        if message.get("channel") == LIVE.encode():
+                            self._apply_live(message.get("data"))
+                        else:
                             await self._apply(message.get("data"))
             except (RedisError, OSError) as exc:
                 self.lost(exc)
@@ -173,6 +180,36 @@ class Cluster:
             log.warning("could not apply a %s change from instance %s: %s", kind, sender, exc)
             return
         self.changes_applied += 1
+
+    def publish_live(self, message: str) -> None:
+        """Send live news (already encoded) to the other instances, in the
+        background; lost when Redis is unreachable, like the news itself."""
+        async def send() -> None:
+            try:
+                await self.redis.publish(LIVE, message)
+            except (RedisError, OSError) as exc:
+                self.lost(exc)
+
+        task = asyncio.ensure_future(send())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    def _apply_live(self, data: Any) -> None:
+        if not isinstance(data, (bytes, str)) or len(data) > MAX_MESSAGE:
+            return
+        try:
+            change = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(change, dict) or change.get("from") == self.name:
+            return
+        handler = self.live_handlers.get(change.get("kind"))
+        if handler is None:
+            return
+        try:
+            handler(change)
+        except Exception:  # one bad message must not stop the listener
+            log.exception("could not apply a %s message", change.get("kind"))
 
     async def _reload_all(self) -> None:
         try:
