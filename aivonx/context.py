@@ -18,6 +18,7 @@ from . import store
 from .auth import Auth
 from .cluster import Cluster, SharedSlots
 from .cluster.health import SharedHealth
+from .cluster.wakeups import SlotWakeups
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .keepalive import KeepAlivePolicy
@@ -92,6 +93,7 @@ class Context:
         if settings.redis:
             self.cluster = Cluster(settings.redis, self.instance, self.nodes, self.keep_alive)
             self.scheduler.shared = SharedSlots(self.cluster)
+            self.scheduler.shared.wakeups = SlotWakeups(self.cluster, self.scheduler.dispatch)
             self.nodes.on_change = self.cluster.publish
             self.health = SharedHealth(self.cluster, self.registry, self._status_changed)
             self.cluster.live_handlers["health"] = self.health.apply

@@ -20,7 +20,10 @@ from .router import Router, Unroutable
 
 
 # Seconds between looks for a slot another instance freed (shared slots).
-POLL = 0.05
+# Instances announce freed slots to those waiting (aivonx.cluster.wakeups),
+# so this only catches what no announcement covers: a lost message, the
+# leases of an instance that died lapsing.
+POLL = 0.5
 
 
 class QueueFull(Unroutable, RuntimeError):

@@ -13,6 +13,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from aivonx.cluster.leases import LEASE_TTL_MS, Leases
 from aivonx.cluster.service import HEARTBEAT
+from aivonx.cluster.wakeups import WANTED_FOR
 from tests.helpers import call, configure, login, overlap, start_aivonx, wait_for
 
 
@@ -216,3 +217,28 @@ async def test_a_malformed_health_message_changes_nothing(
                                                                      reason="marker")))
     await wait_for(lambda: node.reason == "marker", 1.0)
     assert node.routable and "llama3:latest" in node.models.values()
+
+
+async def test_a_slot_freed_on_one_instance_wakes_the_request_waiting_on_the_other(
+        io_loop, make_node, make_proxy, postgres_url, redis_url):
+    fake = await make_node(chunks=10, chunk_delay=0.1)
+    a, b = await pair(make_proxy, [fake], postgres_url, redis_url)
+    configure(a, fake, slots=1)
+    await wait_for(lambda: b.node(fake).slots == 1, 1.0)
+    assert (a.ctx.scheduler.shared.wakeups.sent, b.ctx.scheduler.shared.wakeups.sent) == (0, 0)
+    slow = asyncio.ensure_future(generate(b, "slow"))
+    await wait_for(lambda: len(fake.requests_to("/api/generate")) == 1, 5)
+    fake.chunks = 1
+    queued = asyncio.ensure_future(generate(a, "queued"))
+    await wait_for(lambda: a.ctx.scheduler.depth == 1, 5)
+    assert (await slow).done and (await queued).done
+    first, second = fake.requests_to("/api/generate")
+    assert first.json["prompt"] == "slow" and second.json["prompt"] == "queued"
+    assert first.finished_at <= second.started_at
+    assert a.ctx.scheduler.shared.wakeups.woken >= 1  # told by b, not found by polling
+    # With no one waiting, ending a request sends nothing.
+    sent = a.ctx.scheduler.shared.wakeups.sent + b.ctx.scheduler.shared.wakeups.sent
+    await asyncio.sleep(WANTED_FOR + 0.5)  # the "waiting" notice lapses
+    for proxy in (a, b, a):
+        assert (await generate(proxy, "alone")).done
+    assert a.ctx.scheduler.shared.wakeups.sent + b.ctx.scheduler.shared.wakeups.sent == sent

@@ -233,6 +233,7 @@ class SharedSlots:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.local_grants = 0   # slots granted on the local share (Redis unreachable)
+        self.wakeups: Any = None  # aivonx.cluster.wakeups.SlotWakeups, when wired
 
     def share(self, node: NodeState) -> int:
         return max(1, node.slots // max(1, len(self.cluster.instances)))
@@ -244,9 +245,13 @@ class SharedSlots:
         cluster = self.cluster
         if cluster.connected:
             try:
-                return await cluster.leases.acquire(key, node.slots)
+                taken = await cluster.leases.acquire(key, node.slots)
             except (RedisError, OSError) as exc:
                 cluster.lost(exc)
+            else:
+                if not taken and self.wakeups is not None:
+                    self.wakeups.refused(node.id)
+                return taken
         if node.active_requests > self.share(node):
             return False
         cluster.leases.hold_locally(key)
@@ -255,3 +260,5 @@ class SharedSlots:
 
     def give_back(self, node: NodeState) -> None:
         self.cluster.leases.release(f"slots:{node.id}")
+        if self.wakeups is not None and self.cluster.connected:
+            self.wakeups.released(node.id)
