@@ -138,7 +138,20 @@ def cluster_display(state: dict[str, Any]) -> dict[str, str]:
         "queue_average": wait_text(queue["average_wait"]),
         "queue_max_wait": wait_text(queue["max_wait"]),
         "cache_hit_rate": hit_rate_text(state.get("cache_affinity")),
+        **instances_display(state["cluster"]),
     }
+
+
+REDIS_TEXT = {"connected": "Redis connected: slots and health shared",
+              "unreachable": "Redis unreachable: each instance on its share",
+              "off": "one instance (no --redis)"}
+
+
+def instances_display(cluster: dict[str, Any]) -> dict[str, str]:
+    """The instances alive in the cluster and whether Redis answers."""
+    names = cluster["instances"]
+    return {"instances": ", ".join(names), "instance_count": str(len(names)),
+            "redis": REDIS_TEXT.get(cluster["redis"], cluster["redis"])}
 
 
 def keep_alive_text(policy: dict[str, Any]) -> str:

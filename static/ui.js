@@ -150,6 +150,11 @@
     setText(slot(document, "total_active_requests"), state.total_active_requests);
     setText(slot(document, "capacity"), shown.capacity);
     renderQueue(state.queue, shown);
+    setText(slot(document, "instance-count"), shown.instance_count);
+    setText(slot(document, "instances"), shown.instances);
+    const redis = slot(document, "redis");
+    setText(redis, shown.redis);
+    if (redis && state.cluster) redis.className = "hint redis-" + state.cluster.redis;
     setText(slot(document, "requests_served"), state.requests_served);
     const errors = slot(document, "errors");
     setText(errors, state.errors);

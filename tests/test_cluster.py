@@ -242,3 +242,23 @@ async def test_a_slot_freed_on_one_instance_wakes_the_request_waiting_on_the_oth
     for proxy in (a, b, a):
         assert (await generate(proxy, "alone")).done
     assert a.ctx.scheduler.shared.wakeups.sent + b.ctx.scheduler.shared.wakeups.sent == sent
+
+
+async def test_the_status_page_shows_the_instances_and_redis(
+        io_loop, make_node, make_proxy, postgres_url, redis_url, redis_server):
+    fake = await make_node()
+    a = await make_proxy([fake], db=postgres_url, redis=redis_url, instance_name="a")
+    b = await make_proxy(db=postgres_url, redis=redis_url, instance_name="b<i>&")
+    await wait_for(lambda: all(len(p.ctx.cluster.instances) == 2 for p in (a, b)), 5)
+    page = (await AsyncHTTPClient().fetch(a.url + "/ui")).body.decode()
+    assert 'data-f="instances"' in page and "a, b&lt;i&gt;&amp;" in page and "<i>" not in page
+    assert "Redis connected" in page
+    shown = await state(a)
+    assert shown["display"]["instances"] == "a, b<i>&"  # the page's script sets it as text
+    assert shown["display"]["instance_count"] == "2"
+    redis_server.stop()
+    await wait_for(lambda: not a.ctx.cluster.connected, 5)
+    assert (await state(a))["display"]["redis"].startswith("Redis unreachable")
+    assert "Redis unreachable" in (await AsyncHTTPClient().fetch(a.url + "/ui")).body.decode()
+    redis_server.start()
+    await wait_for(lambda: a.ctx.cluster.connected, 5)

@@ -190,7 +190,9 @@ async def test_state_json_is_what_the_page_polls(io_loop, make_node, make_proxy)
     # The strings the page shows, ready made: its script formats nothing.
     assert state["display"] == {"summary": "All nodes serving", "tone": "ok", "serving": "1",
                                 "capacity": "4", "queue_oldest": "—", "queue_average": "—",
-                                "queue_max_wait": "2m 00s", "cache_hit_rate": ""}
+                                "queue_max_wait": "2m 00s", "cache_hit_rate": "",
+                                "instances": state["instance"], "instance_count": "1",
+                                "redis": "one instance (no --redis)"}
     assert set(node["display"]) == {"since", "pool", "latency", "spark", "weight",
                                     "weight_label"}
     assert (node["display"]["weight"], node["display"]["weight_label"]) == ("1", "")
