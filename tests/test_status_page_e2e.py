@@ -381,3 +381,29 @@ async def test_sign_in_and_steer_the_cluster_from_the_page(io_loop, make_node, m
         await expect(page.get_by_role("link", name="Sign in")).to_be_visible()
         await expect(page.locator("#add-node")).to_have_count(0)
     assert problems == []
+
+
+async def test_page_follows_the_cluster_instances_and_redis(
+        io_loop, make_node, make_proxy, postgres_url, redis_url, redis_server):
+    fake = await make_node()
+    a = await make_proxy([fake], db=postgres_url, redis=redis_url, instance_name="a")
+    b = await make_proxy(db=postgres_url, redis=redis_url, instance_name="b<i>")
+    await api.wait_for(lambda: all(len(p.ctx.cluster.instances) == 2 for p in (a, b)), 5)
+    expect = require_browser().expect
+    problems: list[str] = []
+    async with chromium() as browser:
+        page = await new_page(browser, problems)
+        await page.goto(a.url + "/ui")
+        await expect(page.locator('[data-f="instances"]')).to_have_text("a, b<i>")
+        await expect(page.locator('[data-f="instance-count"]')).to_have_text("2")
+        await expect(page.locator('[data-f="redis"]')).to_contain_text("Redis connected")
+        await expect(page.locator("#live")).to_be_visible()
+        redis_server.stop()
+        try:
+            await expect(page.locator('[data-f="redis"]')).to_contain_text(
+                "Redis unreachable", timeout=LIVE_TIMEOUT + 3000)
+        finally:
+            redis_server.start()
+        await expect(page.locator('[data-f="redis"]')).to_contain_text(
+            "Redis connected", timeout=LIVE_TIMEOUT + 3000)
+    assert problems == []
