@@ -94,7 +94,8 @@ class Context:
             self.nodes.on_change = self.cluster.publish
             self.cluster.keys = self.keys
             self.keys.on_change = self.cluster.publish
-            self.keys.shared = SharedKeyLimits(self.cluster, self.keys.limits)
+            self.keys.shared = SharedKeyLimits(self.cluster, self.keys.limits,
+                                               self.keys.usage_totals, self.keys.seed_limits)
 
     def _status_changed(self, node: NodeState) -> None:
         if not node.healthy:

@@ -8,6 +8,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from aivonx import store
 from aivonx.cluster.keylimits import ADMIT, counter_names
 from tests.helpers import call, login, wait_for
 
@@ -141,6 +142,33 @@ async def test_redis_stopped_the_limits_still_apply_on_each_instance(
     # Shared again: Redis lost its counts, a fresh window over both.
     codes = [(await chat(a if i % 2 else b, key)).code for i in range(6)]
     assert codes == [200] * 4 + [429] * 2
+
+
+async def test_a_quota_spent_through_one_instance_holds_through_a_redis_restart(
+        io_loop, make_node, make_proxy, postgres_url, redis_server, redis_url):
+    node = await make_node([MODEL], chunks=5)
+    a, b, token = await pair(make_proxy, [node], postgres_url, redis_url)
+    created = await new_key(a, token, daily_tokens=10)
+    key = created["key"]
+    await within_a_second(lambda: _known(b, key))
+    assert [(await chat(a, key)).code for _ in range(2)] == [200, 200]   # 16 tokens
+    await within_a_second(lambda: _used(a, created["id"], 16))          # written by a
+    redis_server.stop()
+    try:
+        await wait_for(lambda: not b.ctx.cluster.connected, 5)
+        # b has served nothing of it, yet knows from the usage table.
+        over = await chat(b, key)
+        assert over.code == 429 and "(daily_tokens)" in over.json["error"]
+    finally:
+        redis_server.start()
+    await wait_for(lambda: a.ctx.cluster.connected and b.ctx.cluster.connected, 5)
+    for proxy in (b, a):   # Redis lost its counters: seeded again
+        assert (await chat(proxy, key)).code == 429
+
+
+async def _used(proxy, key_id: int, tokens: int) -> bool:
+    days, _, _ = await store.run(proxy.ctx.keys.usage_totals)
+    return days.get(key_id) == tokens
 
 
 async def test_the_admission_script_counts_only_what_it_admits(io_loop, redis_url):

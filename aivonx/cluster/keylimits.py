@@ -11,8 +11,9 @@ killed with -9 stop counting within the lease time. Keys without limits
 never reach Redis.
 
 While Redis is unreachable the local Limits decide, each instance counting
-its own requests; they are kept current meanwhile, so the switch is
-seamless both ways.
+its own requests; they are kept current meanwhile, and their token counts
+are read again from the usage table (which every instance writes) whenever
+Redis is lost or answers again, so a quota spent through the others holds.
 """
 from __future__ import annotations
 
@@ -20,17 +21,21 @@ import asyncio
 import itertools
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
+
+from .. import store
 
 from redis.exceptions import RedisError
 
 from ..keys.keyring import Key
+from .leases import PREFIX
 from ..keys.limits import (DAY, Limits, next_month, over_concurrent, over_daily,
                            over_monthly, over_rpm, utc_day, utc_month)
 
 log = logging.getLogger("aivonx.cluster")
 
 KEY_PREFIX = "aivonx:key:"
+WAIT = 1.0  # seconds an admission waits, at most, for a reseed or a release
 MARGIN = 3600   # seconds a period's counter outlives its period (clock skew)
 
 # KEYS: the rpm set, the day's counter, the month's counter.
@@ -84,13 +89,20 @@ def ttls(now: float) -> tuple[int, int]:
 class SharedKeyLimits:
     """KeyService's hook for the limits of keys that have some (see above)."""
 
-    def __init__(self, cluster: Any, limits: Limits) -> None:
+    def __init__(self, cluster: Any, limits: Limits,
+                 totals: Callable[[], tuple[dict, dict, float]] | None = None,
+                 seed: Callable[[dict, dict, float], None] | None = None) -> None:
         self.cluster = cluster
         self.limits = limits          # the local counters: fallback and seeds
+        self.totals = totals          # the usage table's tokens of today and this month
+        self.seed = seed              # ... given to the local counters
+        self._connected = True   # the usage table was read at start
+        self._reseeding: asyncio.Future | None = None
         self.redis = cluster.redis
         self._admit = self.redis.register_script(ADMIT)
         self._ids = itertools.count()
         self._counting: set[asyncio.Future] = set()
+        self._releasing: dict[int, set[asyncio.Future]] = {}   # leases being given back
         self.local_admissions = 0     # decided locally (Redis unreachable)
 
     @staticmethod
@@ -101,11 +113,13 @@ class SharedKeyLimits:
         """Count a request against its key cluster-wide, or LimitExceeded
         (nothing counted)."""
         cluster = self.cluster
+        await self._current()
         if cluster.connected:
             try:
                 await self._admit_shared(key, now)
             except (RedisError, OSError) as exc:
                 cluster.lost(exc)
+                await self._current()
             else:
                 self.limits.record(key, now)
                 return
@@ -118,6 +132,9 @@ class SharedKeyLimits:
         leases = self.cluster.leases
         leased = False
         if key.max_concurrent is not None:
+            pending = self._releasing.get(key.id)
+            if pending:
+                await asyncio.wait(set(pending), timeout=WAIT)
             if not await leases.acquire(self.lease(key), key.max_concurrent):
                 raise over_concurrent(key)
             leased = True
@@ -147,8 +164,36 @@ class SharedKeyLimits:
                 use.day_tokens, use.month_tokens, day_ttl, month_ttl]
 
     def done(self, key: Key) -> None:
-        """The request is over: its lease, if it took one, goes back."""
-        self.cluster.leases.release(self.lease(key))
+        """The request is over: its lease, if it took one, goes back. Told to
+        Redis in the background, but this instance's next admission of the
+        key waits for it: a client that sends its next request once the last
+        one is answered is not refused by its own finished request."""
+        leases = self.cluster.leases
+        name = self.lease(key)
+        held = leases.held.get(name)
+        if not held:
+            return
+        lease = held.pop()
+        if not held:
+            del leases.held[name]
+        pending = self._releasing.setdefault(key.id, set())
+        task = asyncio.ensure_future(self._forget(name, lease))
+        pending.add(task)
+        self._counting.add(task)
+
+        def forgotten(future: asyncio.Future) -> None:
+            self._counting.discard(future)
+            pending.discard(future)
+            if not pending and self._releasing.get(key.id) is pending:
+                del self._releasing[key.id]
+
+        task.add_done_callback(forgotten)
+
+    async def _forget(self, name: str, lease: str) -> None:
+        try:
+            await self.redis.zrem(PREFIX + name, lease)
+        except (RedisError, OSError) as exc:  # unreachable: the lease lapses by itself
+            log.debug("could not release lease %s: %s", lease, exc)
 
     def add_tokens(self, key: Key, tokens: int, now: float) -> None:
         """Count what a request used (before the local counters do: what they
@@ -177,3 +222,29 @@ class SharedKeyLimits:
         task = asyncio.ensure_future(send())
         self._counting.add(task)
         task.add_done_callback(self._counting.discard)
+
+    async def _current(self) -> None:
+        """Redis lost or back: read the token counts again from the usage
+        table before deciding (the local counters decide alone now, or seed
+        the counters a restarted Redis lost). Once per change; requests
+        meanwhile wait for it, at most WAIT."""
+        connected = self.cluster.connected
+        if connected != self._connected:
+            self._connected = connected
+            if self.totals is not None and self.seed is not None:
+                self._reseeding = asyncio.ensure_future(self._reseed())
+        reseeding = self._reseeding
+        if reseeding is not None:
+            if reseeding.done():
+                self._reseeding = None
+            else:
+                await asyncio.wait({reseeding}, timeout=WAIT)
+
+    async def _reseed(self) -> None:
+        try:
+            totals = await store.run(self.totals)
+        except Exception as exc:  # the store unreachable: the counters stay as they are
+            log.warning("could not read the token usage again: %s", exc)
+            return
+        if self.seed is not None:
+            self.seed(*totals)

@@ -74,12 +74,19 @@ class KeyService:
         self.keyring.load()
         mode = store.get_config("inference_auth", "open")
         self.mode = mode if mode in MODES else "open"
+        self.seed_limits(*self.usage_totals())
+
+    def usage_totals(self) -> tuple[dict[int, int], dict[int, int], float]:
+        """Tokens used this UTC day and month per key, from the usage table
+        (a store read: in the store's threads off the event loop)."""
         now = time.time()
         today = datetime.datetime.fromtimestamp(now // 86400 * 86400, datetime.timezone.utc)
         year, month = utc_month(now)
         month_start = datetime.datetime(year, month, 1)
-        days = self.usage.tokens_since(today.replace(tzinfo=None))
-        months = self.usage.tokens_since(month_start)
+        return (self.usage.tokens_since(today.replace(tzinfo=None)),
+                self.usage.tokens_since(month_start), now)
+
+    def seed_limits(self, days: dict[int, int], months: dict[int, int], now: float) -> None:
         for key_id in set(days) | set(months):
             self.limits.seed(key_id, days.get(key_id, 0), months.get(key_id, 0), now)
 
