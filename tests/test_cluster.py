@@ -161,3 +161,20 @@ async def test_redis_stopped_and_restarted_under_load_loses_no_request(
     assert max(counted) >= 1          # counted in Redis again
     shared_again = [r for r in records if (r.finished_at or 0) >= exact_from]
     assert len(shared_again) >= 10 and overlap(shared_again) <= 2
+
+
+async def test_leases_asked_for_together_never_exceed_the_limit_and_all_come_back(
+        io_loop, redis_url):
+    import redis.asyncio as aioredis
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        leases = Leases(client, "test")
+        # Asked in one turn of the loop: sent as one pipeline of scripts.
+        taken = await asyncio.gather(*(leases.acquire("slots:9", 5) for _ in range(40)))
+        assert sum(taken) == 5 and await leases.count("slots:9") == 5
+        for _ in range(5):
+            leases.release("slots:9")
+        await wait_for(lambda: not leases._sending and not leases._giving, 2)
+        assert await leases.count("slots:9") == 0
+    finally:
+        await client.aclose()
