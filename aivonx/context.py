@@ -17,6 +17,7 @@ from tornado.ioloop import PeriodicCallback
 from . import store
 from .auth import Auth
 from .cluster import Cluster, SharedSlots
+from .cluster.keylimits import SharedKeyLimits
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .keepalive import KeepAlivePolicy
@@ -91,6 +92,10 @@ class Context:
             self.cluster = Cluster(settings.redis, self.instance, self.nodes, self.keep_alive)
             self.scheduler.shared = SharedSlots(self.cluster)
             self.nodes.on_change = self.cluster.publish
+            self.cluster.keys = self.keys
+            self.keys.on_change = self.cluster.publish
+            self.keys.shared = SharedKeyLimits(self.cluster, self.keys.limits,
+                                               self.keys.usage_totals, self.keys.seed_limits)
 
     def _status_changed(self, node: NodeState) -> None:
         if not node.healthy:
