@@ -28,7 +28,6 @@ from .. import store
 from redis.exceptions import RedisError
 
 from ..keys.keyring import Key
-from .leases import PREFIX
 from ..keys.limits import (DAY, Limits, next_month, over_concurrent, over_daily,
                            over_monthly, over_rpm, utc_day, utc_month)
 
@@ -168,32 +167,18 @@ class SharedKeyLimits:
         Redis in the background, but this instance's next admission of the
         key waits for it: a client that sends its next request once the last
         one is answered is not refused by its own finished request."""
-        leases = self.cluster.leases
-        name = self.lease(key)
-        held = leases.held.get(name)
-        if not held:
+        told = self.cluster.leases.release(self.lease(key))
+        if told is None:
             return
-        lease = held.pop()
-        if not held:
-            del leases.held[name]
         pending = self._releasing.setdefault(key.id, set())
-        task = asyncio.ensure_future(self._forget(name, lease))
-        pending.add(task)
-        self._counting.add(task)
+        pending.add(told)
 
         def forgotten(future: asyncio.Future) -> None:
-            self._counting.discard(future)
             pending.discard(future)
             if not pending and self._releasing.get(key.id) is pending:
                 del self._releasing[key.id]
 
-        task.add_done_callback(forgotten)
-
-    async def _forget(self, name: str, lease: str) -> None:
-        try:
-            await self.redis.zrem(PREFIX + name, lease)
-        except (RedisError, OSError) as exc:  # unreachable: the lease lapses by itself
-            log.debug("could not release lease %s: %s", lease, exc)
+        told.add_done_callback(forgotten)
 
     def add_tokens(self, key: Key, tokens: int, now: float) -> None:
         """Count what a request used (before the local counters do: what they

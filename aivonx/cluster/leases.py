@@ -65,6 +65,7 @@ class Leases:
         self._sending: set[asyncio.Future] = set()
         self._asking: list[tuple[str, int, str, asyncio.Future]] = []
         self._giving: list[tuple[str, str]] = []
+        self._given: asyncio.Future | None = None  # done once Redis heard of _giving
 
     def _new_id(self) -> str:
         return f"{self.instance}:{secrets.token_hex(6)}"
@@ -119,25 +120,37 @@ class Leases:
         into Redis by the next refresh once it is back."""
         self.held.setdefault(key, []).append(self._new_id())
 
-    def release(self, key: str) -> None:
+    def release(self, key: str) -> asyncio.Future | None:
         """Give back one lease on `key` (they are alike); Redis is told in the
-        background, and a lease it never hears of lapses by itself."""
+        background (the future returned is done once it was, or failed to
+        be), and a lease it never hears of lapses by itself."""
         leases = self.held.get(key)
         if not leases:
-            return
+            return None
         lease = leases.pop()
         if not leases:
             del self.held[key]
-        self._give(key, lease)
+        return self._give(key, lease)
 
-    def _give(self, key: str, lease: str) -> None:
+    def _give(self, key: str, lease: str) -> asyncio.Future:
         self._giving.append((key, lease))
         if len(self._giving) == 1:
-            asyncio.get_running_loop().call_soon(self._background, self._forget)
+            loop = asyncio.get_running_loop()
+            self._given = loop.create_future()
+            loop.call_soon(self._background, self._forget)
+        return self._given
 
     async def _forget(self) -> None:
         """Tell Redis of every lease given back this turn, in one round trip."""
         giving, self._giving = self._giving, []
+        given, self._given = self._given, None
+        try:
+            await self._zrem(giving)
+        finally:
+            if given is not None and not given.done():
+                given.set_result(None)
+
+    async def _zrem(self, giving: list[tuple[str, str]]) -> None:
         by_key: dict[str, list[str]] = {}
         for key, lease in giving:
             by_key.setdefault(key, []).append(lease)
