@@ -19,6 +19,7 @@ from .auth import Auth
 from .cluster import Cluster, SharedSlots
 from .cluster.health import SharedHealth
 from .cluster.wakeups import SlotWakeups
+from .cluster.keylimits import SharedKeyLimits
 from .dblock import DatabaseLock
 from .intake import BodyBudget
 from .keepalive import KeepAlivePolicy
@@ -97,6 +98,10 @@ class Context:
             self.nodes.on_change = self.cluster.publish
             self.health = SharedHealth(self.cluster, self.registry, self._status_changed)
             self.cluster.live_handlers["health"] = self.health.apply
+            self.cluster.keys = self.keys
+            self.keys.on_change = self.cluster.publish
+            self.keys.shared = SharedKeyLimits(self.cluster, self.keys.limits,
+                                               self.keys.usage_totals, self.keys.seed_limits)
 
     def _status_changed(self, node: NodeState) -> None:
         if not node.healthy:

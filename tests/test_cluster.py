@@ -262,3 +262,20 @@ async def test_the_status_page_shows_the_instances_and_redis(
     assert "Redis unreachable" in (await AsyncHTTPClient().fetch(a.url + "/ui")).body.decode()
     redis_server.start()
     await wait_for(lambda: a.ctx.cluster.connected, 5)
+
+
+async def test_leases_asked_for_together_never_exceed_the_limit_and_all_come_back(
+        io_loop, redis_url):
+    import redis.asyncio as aioredis
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        leases = Leases(client, "test")
+        # Asked in one turn of the loop: sent as one pipeline of scripts.
+        taken = await asyncio.gather(*(leases.acquire("slots:9", 5) for _ in range(40)))
+        assert sum(taken) == 5 and await leases.count("slots:9") == 5
+        for _ in range(5):
+            leases.release("slots:9")
+        await wait_for(lambda: not leases._sending and not leases._giving, 2)
+        assert await leases.count("slots:9") == 0
+    finally:
+        await client.aclose()

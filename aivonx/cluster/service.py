@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from .. import store
 from ..registry import NodeState
+from . import keysync
 from .health import LIVE, MAX_MESSAGE
 from .leases import Leases
 
@@ -37,6 +38,7 @@ class Cluster:
         self.name = name
         self.nodes = nodes            # NodeService: applies changes from other instances
         self.keep_alive = keep_alive  # KeepAlivePolicy
+        self.keys: Any = None         # KeyService: key changes from other instances
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
             # One retry, on a new connection: after a Redis restart the pool's
@@ -174,6 +176,8 @@ class Cluster:
                 self.nodes.apply_load_factor(await store.run(store.get_config, kind))
             elif kind == "keep_alive":
                 self.keep_alive.load(await store.run(store.get_config, "keep_alive"))
+            elif kind in keysync.KINDS and self.keys is not None:
+                await keysync.apply(self.keys, kind, key)
             else:
                 return
         except Exception as exc:  # the store unreachable: the next full reload catches up
@@ -223,6 +227,11 @@ class Cluster:
         self.nodes.apply_all(rows, strategy)
         self.nodes.apply_load_factor(factor)
         self.keep_alive.load(keep_alive)
+        if self.keys is not None:
+            try:
+                await keysync.reload_all(self.keys)
+            except Exception as exc:
+                log.warning("could not reload the keys: %s", exc)
 
 
 class SharedSlots:
@@ -259,6 +268,6 @@ class SharedSlots:
         return True
 
     def give_back(self, node: NodeState) -> None:
-        self.cluster.leases.release(f"slots:{node.id}")
+        given = self.cluster.leases.release(f"slots:{node.id}")
         if self.wakeups is not None and self.cluster.connected:
-            self.wakeups.released(node.id)
+            self.wakeups.released(node.id, given)

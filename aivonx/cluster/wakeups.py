@@ -48,17 +48,17 @@ class SlotWakeups:
             self._noticed[node_id] = now
             self._send("waiting", node_id)
 
-    def released(self, node_id: int) -> None:
-        """A lease on the node was given back here."""
+    def released(self, node_id: int, given: asyncio.Future | None = None) -> None:
+        """A lease on the node was given back here (`given`: done once Redis
+        has it back)."""
         until = self._wanted.get(node_id)
         if until is None:
             return
         if time.monotonic() < until:
             # Told after Redis has the lease back, or the waiter's retry
             # would find the slot still taken.
-            pending = list(getattr(self.cluster.leases, "_releases", ()))
-            if pending:
-                task = asyncio.ensure_future(self._after(pending, node_id))
+            if given is not None and not given.done():
+                task = asyncio.ensure_future(self._after(given, node_id))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             else:
@@ -66,8 +66,8 @@ class SlotWakeups:
         else:
             del self._wanted[node_id]
 
-    async def _after(self, releases: list[asyncio.Future], node_id: int) -> None:
-        await asyncio.gather(*releases, return_exceptions=True)
+    async def _after(self, given: asyncio.Future, node_id: int) -> None:
+        await asyncio.gather(given, return_exceptions=True)
         self._send("freed", node_id)
 
     # -- the others ----------------------------------------------------------------

@@ -135,7 +135,7 @@ class ModelRelayHandler(BaseHandler):
         relayed = self.request.body
         if self.keeps_models_loaded:
             relayed = ctx.keep_alive.apply(key, body, relayed) or relayed
-        ctx.keys.admit(client, key, name)
+        await ctx.keys.admit(client, key, name)
         self.log_model = ctx.registry.model_label(key)  # also for the access log
         hint = (prefix.routing_hint(key, body, self.request.headers, self.request.body)
                 if self.prompted and ctx.router.strategy == "cache_aware" else None)

@@ -13,7 +13,7 @@ import datetime
 import ipaddress
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import peewee
 from tornado.ioloop import PeriodicCallback
@@ -24,7 +24,7 @@ from ..metrics import Metrics
 from ..nodes import ValidationError
 from .audit import AuditLog
 from .keyring import ANONYMOUS, Key, Keyring
-from .limits import LimitExceeded, Limits, utc_month
+from .limits import LimitExceeded, Limits, limited, utc_month
 from .meter import Meter
 from .usage import UsageBook
 
@@ -55,7 +55,18 @@ class KeyService:
         self.metrics = metrics if metrics is not None else Metrics()
         self.mode = "open"
         self.host = "127.0.0.1"  # where the server listens, for warn_if_exposed
+        # With --redis: the limits counted cluster-wide (aivonx.cluster.keylimits).
+        self.shared: Any = None
         self._timer: PeriodicCallback | None = None
+
+    @property
+    def on_change(self) -> Callable[[str, int | None], None]:
+        """Told ("key", id) or ("inference_auth", None) after a stored change."""
+        return self.keyring.on_change
+
+    @on_change.setter
+    def on_change(self, callback: Callable[[str, int | None], None]) -> None:
+        self.keyring.on_change = callback
 
     # -- life cycle ---------------------------------------------------------------
     def load(self) -> None:
@@ -63,12 +74,19 @@ class KeyService:
         self.keyring.load()
         mode = store.get_config("inference_auth", "open")
         self.mode = mode if mode in MODES else "open"
+        self.seed_limits(*self.usage_totals())
+
+    def usage_totals(self) -> tuple[dict[int, int], dict[int, int], float]:
+        """Tokens used this UTC day and month per key, from the usage table
+        (a store read: in the store's threads off the event loop)."""
         now = time.time()
         today = datetime.datetime.fromtimestamp(now // 86400 * 86400, datetime.timezone.utc)
         year, month = utc_month(now)
         month_start = datetime.datetime(year, month, 1)
-        days = self.usage.tokens_since(today.replace(tzinfo=None))
-        months = self.usage.tokens_since(month_start)
+        return (self.usage.tokens_since(today.replace(tzinfo=None)),
+                self.usage.tokens_since(month_start), now)
+
+    def seed_limits(self, days: dict[int, int], months: dict[int, int], now: float) -> None:
         for key_id in set(days) | set(months):
             self.limits.seed(key_id, days.get(key_id, 0), months.get(key_id, 0), now)
 
@@ -117,6 +135,13 @@ class KeyService:
 
     def mode_saved(self, value: str) -> None:
         """The stored access mode changed: apply it from the next request."""
+        self.mode_applied(value)
+        self.on_change("inference_auth", None)
+
+    def mode_applied(self, value: str) -> None:
+        """The access mode stored (here or by another instance) applies."""
+        if value not in MODES:
+            return
         self.mode = value
         log.info("inference access is now %s", "by key only" if value == "keys" else "open")
         self.warn_if_exposed()
@@ -150,15 +175,20 @@ class KeyService:
             raise ApiError(401, message, {"WWW-Authenticate": "Bearer"})
         return ANONYMOUS
 
-    def admit(self, key: Key, model_key: str | None, model_name: str = "") -> float:
+    async def admit(self, key: Key, model_key: str | None, model_name: str = "") -> float:
         """Apply the key's allow-list and limits; returns the admission time
-        for `finish`. 403 for a model the key may not use, 429 over a limit."""
+        for `finish`. 403 for a model the key may not use, 429 over a limit.
+        With --redis a key with limits is counted cluster-wide (one Redis
+        round trip); any other key never waits."""
         if model_key is not None and not key.allows(model_key):
             self.metrics.key_rejected[("model",)] += 1
             raise ApiError(403, f"key '{key.name}' may not use model '{model_name[:200]}'")
         now = time.time()
         try:
-            self.limits.admit(key, now)
+            if self.shared is not None and limited(key):
+                await self.shared.admit(key, now)
+            else:
+                self.limits.admit(key, now)
         except LimitExceeded as exc:
             self.metrics.key_rejected[(exc.limit,)] += 1
             raise ApiError(429, exc.message, {"Retry-After": str(exc.retry_after)}) from None
@@ -170,6 +200,8 @@ class KeyService:
         """The request is over: free its concurrency slot, count its use
         (`meter` None: answered without a node, nothing used)."""
         self.limits.done(key)
+        if self.shared is not None:
+            self.shared.done(key)
         now = time.time()
         if meter is not None and meter.ended:
             tokens = meter.prompt + meter.completion
@@ -177,6 +209,8 @@ class KeyService:
                            completion=meter.completion, error=not meter.ok,
                            estimated=meter.estimated, node_seconds=meter.node_seconds)
             if tokens:
+                if self.shared is not None:
+                    self.shared.add_tokens(key, tokens, now)
                 self.limits.add_tokens(key.id, tokens, now)
                 self.metrics.key_tokens[(key.name, "prompt")] += meter.prompt
                 self.metrics.key_tokens[(key.name, "completion")] += meter.completion

@@ -19,7 +19,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .. import modelnames, store
 from ..nodes import ValidationError
@@ -213,12 +213,33 @@ class Keyring:
     def __init__(self) -> None:
         self.by_hash: dict[str, Key] = {}
         self.by_id: dict[int, Key] = {0: ANONYMOUS}
+        # Told ("key", id) after each stored change, for the other instances.
+        self.on_change: Callable[[str, int | None], None] = lambda kind, key_id: None
 
     def load(self) -> None:
+        self.replace(list(store.ApiKey.select()))
+
+    def replace(self, rows: list[store.ApiKey]) -> None:
+        """Every key anew from the store's rows (when each was last used is
+        kept from memory when later)."""
+        before = self.by_id
         self.by_hash.clear()
         self.by_id = {0: ANONYMOUS}
-        for row in store.ApiKey.select():
+        for row in rows:
+            key = _from_row(row)
+            old = before.get(key.id)
+            if old is not None:
+                key.last_used = max(filter(None, (key.last_used, old.last_used)), default=None)
+            self._remember(key)
+
+    def apply_stored(self, key_id: int, row: store.ApiKey | None) -> None:
+        """Another instance changed this key: its stored row, None when gone."""
+        if row is not None:
             self._remember(_from_row(row))
+            return
+        old = self.by_id.pop(key_id, None)
+        if old is not None and key_id:
+            self.by_hash.pop(old.key_hash, None)
 
     def _remember(self, key: Key) -> None:
         old = self.by_id.get(key.id)
@@ -255,6 +276,7 @@ class Keyring:
                                   user=user if isinstance(user, store.User) else None,
                                   **fields)
         self._remember(_from_row(row))
+        self.on_change("key", row.id)
         return row, token
 
     def get(self, key_id: int) -> store.ApiKey:
@@ -270,6 +292,7 @@ class Keyring:
             store.ApiKey.update(**fields).where(store.ApiKey.id == key_id).execute()
             row = self.get(key_id)
             self._remember(_from_row(row))
+            self.on_change("key", key_id)
         return row
 
     def revoke(self, key_id: int) -> store.ApiKey:
@@ -278,6 +301,7 @@ class Keyring:
             store.ApiKey.update(revoked_at=store.utcnow()).where(
                 store.ApiKey.id == key_id).execute()
             row = self.get(key_id)
+            self.on_change("key", key_id)
         self._remember(_from_row(row))
         return row
 

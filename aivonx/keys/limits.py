@@ -40,7 +40,7 @@ def utc_month(now: float) -> tuple[int, int]:
     return moment.tm_year, moment.tm_mon
 
 
-def _next_month(now: float) -> float:
+def next_month(now: float) -> float:
     year, month = utc_month(now)
     year, month = (year + 1, 1) if month == 12 else (year, month + 1)
     return calendar.timegm((year, month, 1, 0, 0, 0))
@@ -64,6 +64,35 @@ class KeyUse:
             self.month, self.month_tokens = month, 0
 
 
+def limited(key: Key) -> bool:
+    """Whether the key has any limit to count."""
+    return (key.rpm is not None or key.max_concurrent is not None
+            or key.daily_tokens is not None or key.monthly_tokens is not None)
+
+
+def over_concurrent(key: Key) -> LimitExceeded:
+    return LimitExceeded("max_concurrent", f"key '{key.name}' has {key.max_concurrent} "
+                         "requests in flight already (max_concurrent)", 1)
+
+
+def over_rpm(key: Key, wait: float) -> LimitExceeded:
+    """`wait`: seconds until the oldest request of the window leaves it."""
+    return LimitExceeded("rpm", f"key '{key.name}' made {key.rpm} requests in the last "
+                         "minute (rpm)", math.ceil(wait))
+
+
+def over_daily(key: Key, now: float) -> LimitExceeded:
+    return LimitExceeded("daily_tokens", f"key '{key.name}' used its {key.daily_tokens} "
+                         "tokens of today, UTC (daily_tokens)",
+                         math.ceil((utc_day(now) + 1) * DAY - now))
+
+
+def over_monthly(key: Key, now: float) -> LimitExceeded:
+    return LimitExceeded("monthly_tokens", f"key '{key.name}' used its {key.monthly_tokens} "
+                         "tokens of this month, UTC (monthly_tokens)",
+                         math.ceil(next_month(now) - now))
+
+
 class Limits:
     def __init__(self) -> None:
         self.uses: dict[int, KeyUse] = {}
@@ -78,29 +107,33 @@ class Limits:
         """Count a request against its key, or LimitExceeded (nothing counted)."""
         use = self.use(key.id)
         if key.max_concurrent is not None and use.in_flight >= key.max_concurrent:
-            raise LimitExceeded("max_concurrent", f"key '{key.name}' has "
-                                f"{key.max_concurrent} requests in flight already "
-                                "(max_concurrent)", 1)
+            raise over_concurrent(key)
         recent = use.recent
         if key.rpm is not None:
             cutoff = now - WINDOW
             while recent and recent[0] <= cutoff:
                 recent.popleft()
             if len(recent) >= key.rpm:
-                wait = math.ceil(recent[-key.rpm] + WINDOW - now)
-                raise LimitExceeded("rpm", f"key '{key.name}' made {key.rpm} requests in "
-                                    "the last minute (rpm)", wait)
+                raise over_rpm(key, recent[-key.rpm] + WINDOW - now)
         if key.daily_tokens is not None or key.monthly_tokens is not None:
             use.roll(now)
             if key.daily_tokens is not None and use.day_tokens >= key.daily_tokens:
-                raise LimitExceeded("daily_tokens", f"key '{key.name}' used its "
-                                    f"{key.daily_tokens} tokens of today, UTC (daily_tokens)",
-                                    math.ceil((use.day + 1) * DAY - now))
+                raise over_daily(key, now)
             if key.monthly_tokens is not None and use.month_tokens >= key.monthly_tokens:
-                raise LimitExceeded("monthly_tokens", f"key '{key.name}' used its "
-                                    f"{key.monthly_tokens} tokens of this month, UTC "
-                                    "(monthly_tokens)", math.ceil(_next_month(now) - now))
+                raise over_monthly(key, now)
         if key.rpm is not None:
+            recent.append(now)
+        use.in_flight += 1
+
+    def record(self, key: Key, now: float) -> None:
+        """Count a request admitted elsewhere (the cluster-wide limits), so
+        that these counters are current should they have to decide alone."""
+        use = self.use(key.id)
+        if key.rpm is not None:
+            recent = use.recent
+            cutoff = now - WINDOW
+            while recent and recent[0] <= cutoff:
+                recent.popleft()
             recent.append(now)
         use.in_flight += 1
 
