@@ -96,7 +96,9 @@ class Context:
             self.scheduler.shared = SharedSlots(self.cluster)
             self.scheduler.shared.wakeups = SlotWakeups(self.cluster, self.scheduler.dispatch)
             self.nodes.on_change = self.cluster.publish
-            self.health = SharedHealth(self.cluster, self.registry, self._status_changed)
+            # A node another instance saw fail takes no new requests here; those
+            # in flight on it run on (this instance may still reach it).
+            self.health = SharedHealth(self.cluster, self.registry, self.scheduler.dispatch)
             self.cluster.live_handlers["health"] = self.health.apply
             self.cluster.keys = self.keys
             self.keys.on_change = self.cluster.publish

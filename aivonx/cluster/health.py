@@ -89,10 +89,10 @@ class SharedHealth:
     message)."""
 
     def __init__(self, cluster: Any, registry: Registry,
-                 applied: Callable[[NodeState], None]) -> None:
+                 applied: Callable[[], None]) -> None:
         self.cluster = cluster
         self.registry = registry
-        self.applied = applied      # the context's reaction to a node's change
+        self.applied = applied      # the scheduler's dispatch: a node back may serve waiters
         self.sent = 0
         self.received = 0
         self._pending: set[int] = set()
@@ -121,10 +121,9 @@ class SharedHealth:
         state = self.registry.nodes.get(fields["node"])
         if state is None or state.url != fields["url"]:
             return  # unknown here, or the id names another machine now
-        was_healthy = state.healthy
         self.registry.apply_shared(state, fields["healthy"], fields["reason"],
                                    fields["breaker_for"], fields["rest_for"],
                                    fields["models"], fields["loaded"])
         self.received += 1
-        if was_healthy != state.healthy or state.routable:
-            self.applied(state)
+        if state.routable:
+            self.applied()
