@@ -293,15 +293,18 @@ class Registry:
     def set_loaded(self, state: NodeState, entries: list[dict[str, Any]]) -> None:
         """A node's /api/ps answer: the models it holds in memory. Those no
         longer there took their KV caches with them."""
+        if self._replace_loaded(state, entries):
+            self._observed(state)
+
+    def _replace_loaded(self, state: NodeState, entries: list[dict[str, Any]]) -> bool:
+        """Whether the set of models held changed; those gone lose their caches."""
         before = state.loaded_keys() if state.loaded else set()
         state.loaded = entries
         after = state.loaded_keys() if entries else set()
-        if before:
-            gone = before - after
-            if gone:
-                self._caches_lost(state, gone)
-        if before != after:
-            self._observed(state)
+        gone = before - after
+        if gone:
+            self._caches_lost(state, gone)
+        return before != after
 
     def apply_shared(self, state: NodeState, healthy: bool, reason: str, breaker_for: float,
                      rest_for: float, models: list[str] | None,
@@ -325,11 +328,7 @@ class Registry:
         if models is not None and set(models) != set(state.models.values()):
             self.set_models(state, models, [{"name": m, "model": m} for m in models])
         if loaded is not None:
-            before = state.loaded_keys() if state.loaded else set()
-            state.loaded = [{"name": m, "model": m} for m in loaded]
-            gone = before - state.loaded_keys()
-            if gone:
-                self._caches_lost(state, gone)
+            self._replace_loaded(state, [{"name": m, "model": m} for m in loaded])
 
     def set_version(self, state: NodeState, version: str | None) -> None:
         state.version = version
