@@ -277,6 +277,24 @@ def start_nodes(children: Children, workdir: Path, node_args: list[str], count: 
     return ports, [proc for proc, _ in started]
 
 
+def admin_call(port: int, method: str, path: str, body: dict | None = None,
+               token: str | None = None, name: str = "aivonx") -> dict:
+    """One management API call, answered 200 with JSON, or RuntimeError."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    headers = {"Content-Type": "application/json",
+               **({"Authorization": f"Bearer {token}"} if token else {})}
+    try:
+        conn.request(method, path, None if body is None else json.dumps(body), headers)
+        response = conn.getresponse()
+        answer = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"{name} answered {method} {path} with {response.status}: "
+                           f"{answer[:500]!r}")
+    return json.loads(answer)
+
+
 def prepare_aivonx(children: Children, workdir: Path, node_ports: list[int],
                    slots: int = NODE_SLOTS, args: tuple[str, ...] = AIVONX_ARGS,
                    root: Path = ROOT, name: str = "aivonx", extra: tuple[str, ...] = ()
@@ -293,19 +311,7 @@ def prepare_aivonx(children: Children, workdir: Path, node_ports: list[int],
     args = (*args, *supported_flags(root, extra))
 
     def call(method: str, path: str, body: dict | None, token: str | None = None) -> dict:
-        conn = http.client.HTTPConnection(HOST, port, timeout=30)
-        headers = {"Content-Type": "application/json",
-                   **({"Authorization": f"Bearer {token}"} if token else {})}
-        try:
-            conn.request(method, path, None if body is None else json.dumps(body), headers)
-            response = conn.getresponse()
-            answer = response.read()
-        finally:
-            conn.close()
-        if response.status != 200:
-            raise RuntimeError(f"{name} answered {method} {path} with {response.status}: "
-                               f"{answer[:500]!r}")
-        return json.loads(answer)
+        return admin_call(port, method, path, body, token, name)
 
     configured = False
 

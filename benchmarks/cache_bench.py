@@ -30,8 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import (HOST, Children, Connection, _exit_on_sigterm, build_request, machine_info,
-                   percentile, prepare_aivonx, raise_nofile_limit, start_nodes)
+from bench import (HOST, Children, Connection, _exit_on_sigterm, admin_call, build_request,
+                   machine_info, percentile, prepare_aivonx, raise_nofile_limit, start_nodes)
 
 STRATEGIES = ("least_active", "round_robin", "cache_aware")
 NODES = 4
@@ -130,23 +130,6 @@ async def converse(port: int, conv: dict, t0: float, outcome: Outcome) -> None:
             return
         messages.append({"role": "assistant", "content": answer_text(bytes(reply.body))})
         await asyncio.sleep(think)
-
-
-def admin_call(port: int, method: str, path: str, body: dict | None = None,
-               token: str | None = None) -> dict:
-    conn = http.client.HTTPConnection(HOST, port, timeout=30)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    try:
-        conn.request(method, path, None if body is None else json.dumps(body), headers)
-        response = conn.getresponse()
-        data = response.read()
-    finally:
-        conn.close()
-    if response.status != 200:
-        raise RuntimeError(f"{method} {path}: {response.status} {data[:300]!r}")
-    return json.loads(data)
 
 
 def cache_stats(port: int) -> dict:
