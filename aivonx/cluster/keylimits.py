@@ -23,10 +23,9 @@ import logging
 import math
 from typing import Any, Callable
 
-from .. import store
-
 from redis.exceptions import RedisError
 
+from .. import store
 from ..keys.keyring import Key
 from ..keys.limits import (DAY, Limits, next_month, over_concurrent, over_daily,
                            over_monthly, over_rpm, utc_day, utc_month)
