@@ -159,6 +159,24 @@ def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return depth
 
 
+def _taken_slot(slots: list[CachedPrompt], blocks: tuple[int, ...],
+                capacity: int) -> tuple[CachedPrompt | None, bool]:
+    """The slot a node puts the prompt in, as Ollama's multi-user cache
+    chooses it, and whether the prompt continues the one it holds: the free
+    slot whose prompt it continues, else a new one while there are fewer
+    than `capacity` (None), else the least recently used free slot. With no
+    free slot (someone else uses the node too) the oldest picture goes."""
+    free = [s for s in slots if not s.busy]
+    size = len(blocks)
+    for slot in free:
+        held = slot.blocks
+        if held and len(held) <= size and _common(held, blocks) == len(held):
+            return slot, True
+    if len(slots) < capacity:
+        return None, False
+    return min(free or slots, key=lambda s: s.used), False
+
+
 class PrefixMemory:
     """Block hash -> the nodes that served it lately, least recently used
     first, and per node and model a picture of its cache slots. Not
@@ -252,20 +270,11 @@ class PrefixMemory:
     @staticmethod
     def _slot_for(slots: list[CachedPrompt], blocks: tuple[int, ...],
                   capacity: int) -> CachedPrompt:
-        free = [s for s in slots if not s.busy]
-        for slot in free:
-            if slot.blocks and len(slot.blocks) <= len(blocks) and \
-                    _common(slot.blocks, blocks) == len(slot.blocks):
-                return slot  # this prompt continues that slot's
-        if len(slots) < capacity:
+        slot, _ = _taken_slot(slots, blocks, capacity)
+        if slot is None:
             slot = CachedPrompt()
             slots.append(slot)
-            return slot
-        if free:
-            return min(free, key=lambda s: s.used)
-        # More requests than slots (someone else uses the node too): the
-        # oldest picture goes.
-        return min(slots, key=lambda s: s.used)
+        return slot
 
     def evicts(self, node_id: int, model: str, hint: RoutingHint, capacity: int) -> bool:
         """Whether serving the prompt on the node would overwrite the node's
@@ -273,15 +282,10 @@ class PrefixMemory:
         say): a miss placed there makes the next one."""
         slots = self.slots.get((node_id, model))
         if not slots or len(slots) < capacity:
-            return False
-        free = [s for s in slots if not s.busy]
-        for slot in free:
-            if slot.blocks and len(slot.blocks) <= len(hint.blocks) and \
-                    _common(slot.blocks, hint.blocks) == len(slot.blocks):
-                return False
-        if not free:
-            return False
-        victim = min(free, key=lambda s: s.used)
+            return False  # the prompt gets a slot of its own
+        victim, continues = _taken_slot(slots, hint.blocks, capacity)
+        if victim is None or victim.busy or continues:
+            return False  # no free slot (the node queues), or its own prompt
         if not victim.blocks or (hint.blocks and victim.blocks[0] == hint.blocks[0]):
             return False
         return not any(s is not victim and s.blocks[:1] == victim.blocks[:1] for s in slots)
