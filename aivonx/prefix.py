@@ -28,6 +28,7 @@ MAX_PREFIX_CHARS = 32 * 1024    # ~8,000 tokens: tens of microseconds to hash
 MAX_SESSION_CHARS = 256
 MAX_ENTRIES = 100_000
 MAX_BYTES = 32 * 1024 * 1024
+MAX_HOMES = 4096            # first blocks whose last node is remembered
 MAX_NODES_PER_ENTRY = 8     # a block shared by every node (a tenant's prompt) stays small
 # What one entry costs, roughly (CPython 3.11+, 64-bit): its slot in the
 # ordered dict and the index, the Entry object, and per node its stamp.
@@ -191,6 +192,9 @@ class PrefixMemory:
         # slot), and how many of them hold each block.
         self.slots: dict[tuple[int, str], list[CachedPrompt]] = {}
         self.held: dict[tuple[int, str], Counter[int]] = {}
+        # A prompt's first block -> the node that served it last, kept after
+        # the node's cache lost it: where that tenant goes back to.
+        self.homes: OrderedDict[int, int] = OrderedDict()
         self.bytes = 0
         self.evicted = 0
         self._clock = 0
@@ -248,6 +252,12 @@ class PrefixMemory:
                 entry = self.entries.get(key)
                 if entry is not None and node_id in entry.nodes:
                     self._drop(key, entry, node_id)
+        if hint.blocks:
+            homes = self.homes
+            homes[hint.blocks[0]] = node_id
+            homes.move_to_end(hint.blocks[0])
+            if len(homes) > MAX_HOMES:
+                homes.popitem(last=False)
         keys = hint.blocks if hint.session is None else (*hint.blocks, hint.session)
         owned = self.owned.setdefault(node_id, set())
         entries = self.entries
@@ -289,6 +299,17 @@ class PrefixMemory:
         if not victim.blocks or (hint.blocks and victim.blocks[0] == hint.blocks[0]):
             return False
         return not any(s is not victim and s.blocks[:1] == victim.blocks[:1] for s in slots)
+
+    def home(self, hint: RoutingHint) -> int | None:
+        """The node that served the hinted prompt's first block last."""
+        return self.homes.get(hint.blocks[0]) if hint.blocks else None
+
+    def families(self, node_id: int, model: str) -> int:
+        """How many different prompts (by their first block: one tenant's
+        system prompt, say) the node's slots hold. A prompt cached nowhere
+        goes where there are fewest, so that each family keeps a home
+        instead of every node holding a little of everyone."""
+        return len({s.blocks[0] for s in self.slots.get((node_id, model), ()) if s.blocks})
 
     @staticmethod
     def release(slot: CachedPrompt | None) -> None:

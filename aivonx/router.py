@@ -81,42 +81,53 @@ def warm_first(nodes: list[NodeState], key: str, router: "Router",
     return sorted(ordered, key=lambda n: key not in n.loaded_keys())
 
 
+# A node may take this many requests beyond factor x mean: with a few in
+# flight a node, the rounding alone would otherwise break affinity for a
+# request the node can serve at once, and a prefill elsewhere costs more.
+LOAD_HEADROOM = 1
+
+
 def within_bound(nodes: list[NodeState], factor: float) -> set[int]:
     """The nodes that may take one more request without going more than
-    `factor` above the candidates' mean in-flight load (per unit of weight):
-    consistent hashing with bounded loads, so that affinity never piles a
-    hot conversation or tenant onto one node."""
+    `factor` above the candidates' mean in-flight load (per unit of weight,
+    plus LOAD_HEADROOM): consistent hashing with bounded loads, so that
+    affinity never piles a hot conversation or tenant onto one node."""
     total = sum(n.active_requests for n in nodes) + 1
     weight = sum(n.weight for n in nodes) or 1.0
     return {n.id for n in nodes
-            if n.active_requests + 1 <= max(1, math.ceil(factor * total * n.weight / weight))}
+            if n.active_requests + 1
+            <= max(1, math.ceil(factor * total * n.weight / weight)) + LOAD_HEADROOM}
 
 
 def cache_aware(nodes: list[NodeState], key: str, router: "Router",
                 hint: RoutingHint | None = None) -> list[NodeState]:
     """The nodes holding the longest part of the request's prompt (or its
-    session) first, deepest and then least loaded, each only while within
-    the load bound; then the rest in warm_first order, those whose cache
-    would lose its only copy of another prompt last. Ollama reuses a
-    cached prefix, so such a node prefills only what is new."""
+    session) first, each only while within the load bound: deepest, then
+    those where it overwrites no other prompt's only copy, then least
+    loaded. Then the rest: within the bound first, then those whose cache
+    keeps every other prompt, warm ones, the prompt's last home (where its
+    first block was served last, so a tenant evicted there comes back
+    rather than spreading), and those holding fewest other prompts.
+    Ollama reuses a cached prefix, so such a node prefills only what is
+    new; and a tenant kept on few nodes stays cached there."""
     rest = warm_first(nodes, key, router)
     if hint is None:
         return rest
     memory = router.prefixes
     matches = memory.matches(hint)
     router.last_matches = (hint, matches)
-    preferred: list[NodeState] = []
-    if matches:
-        bound = within_bound(nodes, router.load_factor)
-        preferred = sorted((n for n in nodes if n.id in matches and n.id in bound),
-                           key=lambda n: (-matches[n.id][0], n.active_requests / n.weight,
-                                          -matches[n.id][1]))
+    bound = within_bound(nodes, router.load_factor)
+    preferred = sorted((n for n in nodes if n.id in matches and n.id in bound),
+                       key=lambda n: (-matches[n.id][0], memory.evicts(n.id, key, hint, n.slots),
+                                      n.active_requests / n.weight, -matches[n.id][1]))
+    if preferred:
         first = {n.id for n in preferred}
         rest = [n for n in rest if n.id not in first]
     if hint.blocks:
-        # A prompt that goes where nothing of it is cached costs a full
-        # prefill anyway; it should not also evict some tenant's only copy.
-        rest.sort(key=lambda n: memory.evicts(n.id, key, hint, n.slots))
+        home = memory.home(hint)
+        rest.sort(key=lambda n: (n.id not in bound, memory.evicts(n.id, key, hint, n.slots),
+                                 key not in n.loaded_keys(), n.id != home,
+                                 memory.families(n.id, key)))
     return preferred + rest
 
 

@@ -58,13 +58,14 @@ async def test_turns_of_a_conversation_stay_on_one_node_while_conversations_spre
 
 
 async def test_a_node_at_its_load_bound_is_skipped(make_node, make_proxy):
-    nodes, proxy = await cluster(make_node, make_proxy, count=2)
+    nodes, proxy = await cluster(make_node, make_proxy, count=3)
     home, _ = await chat(proxy, conversation(1, 1, 1))
     busy = next(n for n in nodes if proxy.node(n).name == home)
     busy.chunk_delay = 5.0  # streams on it stay open
+    # 3 in flight there, none elsewhere: a 4th is above ceil(1.25 x 4 / 3) + 1.
     holders = [asyncio.ensure_future(call(proxy, "POST", "/api/chat", {
-        "model": "llama3", "messages": conversation(1, 1, 2)})) for _ in range(2)]
-    while proxy.node(busy).active_requests < 2:
+        "model": "llama3", "messages": conversation(1, 1, 2)})) for _ in range(3)]
+    while proxy.node(busy).active_requests < 3:
         await asyncio.sleep(0.01)
     node, route = await chat(proxy, conversation(1, 1, 2))
     assert node != home and route != "prefix"

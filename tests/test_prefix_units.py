@@ -213,3 +213,32 @@ def test_a_prompt_cached_nowhere_avoids_evicting_a_nodes_only_copy_of_another():
         other, why = route(router, hint(chat("hello", system="tenant b " * 400)))
         assert other != home and why == "least_active"
         assert router.prefixes.evicts(home, KEY, hint(chat("x", system="c " * 900)), 1)
+
+
+def test_a_tenant_evicted_everywhere_goes_back_to_its_last_home():
+    registry, router = cluster(3)
+    for state in registry.nodes.values():
+        state.slots = 1
+    home, _ = route(router, hint(chat("hello", system="tenant a " * 400)))
+    # Another tenant takes the home's only slot: tenant a is cached nowhere now.
+    router.prefixes.release(router.chosen(registry.nodes[home], KEY,
+                                          hint(chat("x", system="tenant b " * 400)))[1])
+    again = hint(chat("next", system="tenant a " * 400))
+    assert router.prefixes.matches(again) == {}
+    assert router.prefixes.home(again) == home
+    # Every node would lose its only copy of someone else, the home too; it comes first.
+    for node in registry.nodes:
+        if node != home:
+            router.prefixes.release(router.chosen(registry.nodes[node], KEY, hint(
+                chat("y", system=f"tenant {node} " * 400)))[1])
+    assert route(router, again)[0] == home
+
+
+def test_a_new_tenant_goes_where_fewest_other_prompts_are_cached():
+    registry, router = cluster(2)
+    crowded, _ = route(router, hint(chat("one", system="tenant a " * 400)))
+    other = next(n for n in registry.nodes if n != crowded)
+    router.prefixes.release(router.chosen(registry.nodes[crowded], KEY,
+                                          hint(chat("two", system="tenant b " * 400)))[1])
+    assert router.prefixes.families(crowded, KEY) == 2
+    assert route(router, hint(chat("three", system="tenant c " * 400)))[0] == other
