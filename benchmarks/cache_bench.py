@@ -59,6 +59,7 @@ class Workload:
     tenants: int = 8
     window: float = 30.0       # conversations start spread over this many seconds
     think: tuple[float, float] = (2.0, 8.0)  # seconds between an answer and the next turn
+    slots: int = SLOTS         # per node: its cache slots, and Aivonx's slots for it
     seed: int = 13
 
 
@@ -141,14 +142,32 @@ def cache_stats(port: int) -> dict:
         conn.close()
 
 
+def load_model(port: int) -> None:
+    """Load the model on a node (a generate without a prompt, as `ollama run` does), as
+    every node of a cluster in service has it: the run measures caches, not first loads."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("POST", "/api/generate", json.dumps({"model": "llama3", "keep_alive": -1}),
+                     {"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        if reply.status != 200:
+            raise RuntimeError(f"loading llama3 on port {port}: {reply.status} {reply.read()!r}")
+        reply.read()
+    finally:
+        conn.close()
+
+
 def start_strategy(children: Children, workdir: Path, strategy: str, per_token: float,
-                   load_factor: float | None = None) -> tuple[int, list[int]]:
+                   load_factor: float | None = None, slots: int = SLOTS
+                   ) -> tuple[int, list[int]]:
     """Four fake nodes with a prompt cache and an Aivonx routing by `strategy`."""
     node_args = ["--chunks", str(CHUNKS), "--chunk-delay", str(CHUNK_DELAY),
                  "--prefix-cache-per-token", str(per_token), "--prefix-cache-base", str(BASE),
-                 "--prefix-cache-slots", str(SLOTS)]
+                 "--prefix-cache-slots", str(slots)]
     ports, _ = start_nodes(children, workdir, node_args, count=NODES)
-    port, launch = prepare_aivonx(children, workdir, ports, slots=SLOTS, args=AIVONX_ARGS)
+    for node_port in ports:
+        load_model(node_port)
+    port, launch = prepare_aivonx(children, workdir, ports, slots=slots, args=AIVONX_ARGS)
     launch()
     token = admin_call(port, "POST", "/api/account/login",
                        {"username": "root",
@@ -193,7 +212,7 @@ def report(results: dict[str, dict], work: Workload, machine: dict[str, str],
         "## Cache-aware routing", "",
         f"`{command}` — {work.conversations} conversations × {work.turns} turns, "
         f"{work.tenants} tenants (system prompt {SYSTEM_WORDS} words), {NODES} nodes × "
-        f"{SLOTS} slots per strategy, prefill {PER_TOKEN * 1000:g} ms per uncached token "
+        f"{work.slots} slots per strategy, prefill {PER_TOKEN * 1000:g} ms per uncached token "
         f"+ {BASE * 1000:g} ms, {CHUNKS} chunks {CHUNK_DELAY * 1000:g} ms apart, think time "
         f"{work.think[0]:g}–{work.think[1]:g} s. {machine.get('cpu', '')}, {machine.get('cores', '?')} cores, load {machine.get('load average (1 min) at start → end', '?')}.".strip(), "",
         "| strategy | TTFC p50 ms | TTFC p90 ms | TTFC p99 ms | p90 vs least_active | "
@@ -235,6 +254,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cache_aware's cache_load_factor (default: Aivonx's, 1.25)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help="which to run, comma-separated (least_active is the reference)")
+    parser.add_argument("--slots", type=int, default=SLOTS,
+                        help="per node: its prompt cache slots and Aivonx's slots for it")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON as well")
     return parser.parse_args(argv)
@@ -247,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         work.conversations, work.turns, work.window, work.think = 16, 3, 10.0, (1.0, 3.0)
     work.conversations = args.conversations or work.conversations
     work.turns = args.turns or work.turns
+    work.slots = args.slots
     strategies = [s for s in STRATEGIES if s in args.strategies.split(",")]
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     raise_nofile_limit()
@@ -259,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             sub = workdir / name
             sub.mkdir()
             proxies[name], nodes[name] = start_strategy(children, sub, name, args.per_token,
-                                                               args.load_factor)
+                                                        args.load_factor, work.slots)
             log(f"{name}: aivonx on {proxies[name]}, nodes {nodes[name]}")
         log(f"running {work.conversations} conversations x {work.turns} turns per strategy")
         outcomes = asyncio.run(run(proxies, work))
