@@ -208,7 +208,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"},
         "inference_auth": INFERENCE_AUTH}},
     "ConfigInput": {"type": "object", "required": ["strategy"],
-                    "properties": {"strategy": {"type": "string", "example": "least_active"},
+                    "properties": {"strategy": {"type": "string", "example": "cache_aware"},
                                    "cache_load_factor": _LOAD_FACTOR,
                                    "keep_alive": {"$ref": "#/components/schemas/KeepAlivePolicy"},
                                    "inference_auth": INFERENCE_AUTH}},

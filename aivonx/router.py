@@ -138,7 +138,7 @@ STRATEGIES: dict[str, Strategy] = {
     "warm_first": warm_first,
     "cache_aware": cache_aware,
 }
-DEFAULT_STRATEGY = "least_active"
+DEFAULT_STRATEGY = "cache_aware"
 
 
 class Router:

@@ -50,7 +50,7 @@ async def test_login_gives_tokens_that_open_the_management_api(io_loop, make_nod
     assert tokens["access"] != tokens["refresh"] and len(tokens["access"]) >= 40
     assert tokens["token_type"] == "Bearer" and tokens["expires_in"] == 3600
     config = await call(proxy, "GET", "/api/proxy/config", token=tokens["access"])
-    assert config.code == 200 and config.json["strategy"] == "least_active"
+    assert config.code == 200 and config.json["strategy"] == "cache_aware"
     # The refresh token is not an access token.
     assert (await call(proxy, "GET", "/api/proxy/config", token=tokens["refresh"])).code == 401
     # Only hashes are stored, the password with scrypt.
@@ -263,7 +263,7 @@ async def test_protected_endpoints_answer_401_json_without_a_valid_token(
             assert answer.json == {"error": "authentication required"}
             assert answer.headers["WWW-Authenticate"] == "Bearer"
     # Nothing was changed, nothing reached the node.
-    assert store.Node.select().count() == 1 and proxy.ctx.router.strategy == "least_active"
+    assert store.Node.select().count() == 1 and proxy.ctx.router.strategy == "cache_aware"
     assert not [r for r in node.requests if r.method in ("POST", "DELETE")]
 
 

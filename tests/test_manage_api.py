@@ -118,7 +118,7 @@ async def test_invalid_config_is_refused_naming_the_valid_strategies(
     assert answer.code == 400
     assert answer.json["error"] == "validation failed"
     assert text in answer.json["fields"][field]
-    assert proxy.ctx.router.strategy == "least_active"
+    assert proxy.ctx.router.strategy == "cache_aware"
     answer = await call(proxy, "PUT", "/api/proxy/config", raw=b"{bad", token=token)
     assert answer.code == 400 and "invalid JSON" in answer.json["error"]
     assert "invalid JSON" in answer.json["fields"]["non_field_errors"]

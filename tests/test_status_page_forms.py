@@ -120,7 +120,7 @@ async def test_forms_need_a_session(io_loop, make_node, make_proxy):
     response = await browser.post("/ui/strategy", {"strategy": "round_robin"},
                                   "application/json")
     assert response.code == 401 and json.loads(response.body)["ok"] is False
-    assert proxy.ctx.router.strategy == "least_active"
+    assert proxy.ctx.router.strategy == "cache_aware"
 
 
 async def test_nodes_and_strategy_without_javascript(io_loop, make_node, make_proxy):
@@ -353,7 +353,7 @@ async def test_the_form_token_belongs_to_the_session(io_loop, make_node, make_pr
         response = await bob.request("POST", "/ui/strategy", {"_xsrf": token,
                                                               "strategy": "round_robin"})
         assert response.code == 403 and "reload the page" in response.body.decode()
-    assert proxy.ctx.router.strategy == "least_active"
+    assert proxy.ctx.router.strategy == "cache_aware"
     # A token issued before signing in (the sign-in page's) is not the session's.
     carol = Browser(proxy)
     before = await carol.xsrf("/ui/login")
@@ -363,7 +363,7 @@ async def test_the_form_token_belongs_to_the_session(io_loop, make_node, make_pr
     response = await carol.request("POST", "/ui/strategy", {"_xsrf": before,
                                                             "strategy": "round_robin"})
     assert response.code == 403
-    assert proxy.ctx.router.strategy == "least_active"
+    assert proxy.ctx.router.strategy == "cache_aware"
     # Its own token works, from the form or the script's header; a new session
     # (signed out and in again) gets a new one and the old one is refused.
     response = await alice.request("POST", "/ui/strategy", {"_xsrf": token,
